@@ -1,0 +1,1 @@
+"""Backends of the MulCLIP ops: one module per op and backend."""
