@@ -5,10 +5,12 @@
 Every op takes `backend=` ("auto", "reference", "torch", and the fused backends installed);
 `mulclip_kernels.reference` is the literal eager definition that every backend is tested against.
 """
-from .dispatch import available_backends, backends
+from .dispatch import available_backends, backends, load_backends
 from .losses import clip_loss, gather_batch, subcaption_alignment_loss
 from .subcaption_patch import subcaption_patch_align, subcaption_patch_scores
 from .word_patch import word_patch_reconstruction_loss
+
+load_backends()
 
 __version__ = "0.1.0"
 

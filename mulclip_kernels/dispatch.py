@@ -3,10 +3,14 @@
 A backend is a module that defines a function named after the op, taking validated inputs
 (bool masks always present) in the order of `mulclip_kernels.reference`. A backend module may
 define `is_available(device) -> (bool, reason)`; without it the backend runs everywhere.
-Modules are imported on first use, so an unavailable toolchain costs nothing until asked for.
+
+`load_backends()` imports every backend module once, when the package is imported, so that
+choosing a backend is a dictionary lookup that torch.compile can trace. A module that fails to
+import (a missing toolchain) is kept as its error and reported when asked for. Importing a
+backend module must stay cheap: builds and compilations happen on first use, not on import.
 """
 import importlib
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple, Union
 
 import torch
 
@@ -33,6 +37,19 @@ _AUTO_ORDER: Dict[str, List[str]] = {
 _AUTO_FALLBACK = ["torch"]
 
 
+_LOADED: Dict[str, Union[object, str]] = {}  # module path -> module, or why it failed to import
+
+
+def load_backends() -> None:
+    for modules in _BACKEND_MODULES.values():
+        for path in modules.values():
+            if path not in _LOADED:
+                try:
+                    _LOADED[path] = importlib.import_module(path)
+                except ImportError as error:
+                    _LOADED[path] = f"importing {path} failed: {error}"
+
+
 def backends(op: str) -> List[str]:
     """Names accepted by `backend=` for `op`, "auto" first."""
     return ["auto", *_BACKEND_MODULES[op]]
@@ -40,7 +57,9 @@ def backends(op: str) -> List[str]:
 
 def availability(op: str, backend: str, device: torch.device) -> Tuple[bool, str]:
     """Whether `backend` can run `op` on `device`, and why not."""
-    module = importlib.import_module(_BACKEND_MODULES[op][backend])
+    module = _LOADED[_BACKEND_MODULES[op][backend]]
+    if isinstance(module, str):
+        return False, module
     check = getattr(module, "is_available", None)
     return (True, "") if check is None else check(torch.device(device))
 
@@ -65,4 +84,4 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     ok, reason = availability(op, backend, device)
     if not ok:
         raise RuntimeError(f"backend {backend!r} cannot run {op} on {device}: {reason}")
-    return getattr(importlib.import_module(modules[backend]), op)
+    return getattr(_LOADED[modules[backend]], op)

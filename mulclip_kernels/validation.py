@@ -76,7 +76,8 @@ def check_k(k, patch_mask: torch.Tensor, rows: Optional[torch.Tensor] = None) ->
     """k must satisfy 1 <= k <= number of valid patches of every image that is used.
 
     `rows` (bool, (B,)) restricts the check to the images that have something to align; None
-    checks every image. This reads the patch counts back to the host once.
+    checks every image. This reads the patch counts back to the host once, which a compiled
+    graph cannot do: under torch.compile only the static part of the check runs.
     """
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
@@ -85,6 +86,8 @@ def check_k(k, patch_mask: torch.Tensor, rows: Optional[torch.Tensor] = None) ->
     total = patch_mask.shape[1]
     if k > total:
         raise ValueError(f"k={k} is larger than the number of patches P={total}")
+    if torch.compiler.is_compiling():
+        return k
     counts = patch_mask.sum(dim=1)
     if rows is not None:
         counts = torch.where(rows, counts, torch.full_like(counts, total))
