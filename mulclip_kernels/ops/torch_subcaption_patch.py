@@ -2,14 +2,17 @@
 
 Forward runs in chunks, in float32 (float64 stays float64): similarity, top-k (ties to the
 lower index), softmax over the k chosen patches, aggregation. It saves the inputs and the chosen
-indices only (int32: O(B M k) paired, O(N B k) cross); backward gathers the k chosen patches
-again and applies the analytic gradient. The full similarity tensor exists one chunk at a time
-in forward and never in backward. Both directions are `torch.library` custom ops.
+indices only (int32: O(B M k) paired, O(N B k) cross); backward recomputes the chunk's
+similarities and applies the analytic gradient. Within a chunk the k-sparse weights are spread
+into a dense (rows, P) matrix so that aggregation and its gradient are batched matmuls, which a
+CPU runs far faster than gathers of (rows, k, d) patch copies; nothing of that size outlives
+its chunk. Both directions are `torch.library` custom ops.
 
 Gradient, per subcaption u with chosen patches v_1..v_k, s_j = u . v_j, w = softmax(s / tau),
 region = sum_j w_j v_j, upstream g = dL/dregion:
     dw_j = g . v_j;  ds_j = w_j (dw_j - sum_i w_i dw_i) / tau
-    du = sum_j ds_j v_j;  dv_j = w_j g + ds_j u   (scattered back to the chosen patch indices)
+    du = sum_j ds_j v_j;  dv_j = w_j g + ds_j u
+With W and dS the weights and ds spread densely over the patches: du = dS v, dv = W^T g + dS^T u.
 Cross scores add score = u . region / max(|region|, eps) in front of it.
 """
 from typing import Tuple
@@ -37,45 +40,32 @@ def topk_lower_index(scores: Tensor, k: int) -> Tensor:
     return selected.nonzero()[:, -1].view(*scores.shape[:-1], k)
 
 
-def _weights(u: Tensor, chosen: Tensor, temperature: float) -> Tensor:
-    """Softmax weights (..., k) of u (..., d) over its chosen patches (..., k, d)."""
-    return torch.softmax(torch.einsum("...d,...kd->...k", u, chosen) / temperature, dim=-1)
+def _dense_weights(sigma: Tensor, index: Tensor, temperature: float) -> Tuple[Tensor, Tensor]:
+    """Softmax over the chosen similarities, (..., k), and the same spread densely over (..., P)."""
+    weights = torch.softmax(torch.gather(sigma, -1, index) / temperature, dim=-1)
+    return weights, torch.zeros_like(sigma).scatter_(-1, index, weights)
 
 
-def _aggregate_backward(grad_region: Tensor, u: Tensor, chosen: Tensor, weights: Tensor,
-                        temperature: float) -> Tuple[Tensor, Tensor]:
-    """(du, d_chosen) from the gradient of region = sum_j w_j chosen_j."""
-    d_weights = torch.einsum("...d,...kd->...k", grad_region, chosen)
+def _dense_sim_grad(d_dense: Tensor, index: Tensor, weights: Tensor, temperature: float) -> Tensor:
+    """From dL/dW (dense (..., P)) to dL/dsigma (dense, nonzero on the chosen patches only)."""
+    d_weights = torch.gather(d_dense, -1, index)
     d_sim = weights * (d_weights - (weights * d_weights).sum(dim=-1, keepdim=True)) / temperature
-    d_u = torch.einsum("...k,...kd->...d", d_sim, chosen)
-    d_chosen = weights[..., None] * grad_region[..., None, :] + d_sim[..., None] * u[..., None, :]
-    return d_u, d_chosen
-
-
-def _scatter_chosen(d_chosen: Tensor, index: Tensor, images: int, patches: int) -> Tensor:
-    """Sum d_chosen (..., B', k, d), index (..., B', k) into (B', P, d) by image and patch index.
-
-    The image axis is the second to last batch axis of `index`.
-    """
-    d = d_chosen.shape[-1]
-    offsets = torch.arange(images, device=index.device)[:, None] * patches
-    flat = (index + offsets).reshape(-1)
-    out = torch.zeros(images * patches, d, dtype=d_chosen.dtype, device=d_chosen.device)
-    return out.index_add_(0, flat, d_chosen.reshape(-1, d)).view(images, patches, d)
+    return torch.zeros_like(d_dense).scatter_(-1, index, d_sim)
 
 
 # ---------------------------------------------------------------------------------------------
 # Paired: each sample's subcaptions against its own image.
 # ---------------------------------------------------------------------------------------------
 
-def _gather_own(v: Tensor, index: Tensor) -> Tensor:
-    """v (b,P,d), index (b,M,k) -> the chosen patches (b,M,k,d)."""
-    rows = torch.arange(v.shape[0], device=v.device)[:, None, None]
-    return v[rows, index]
+def _paired_row_elements(M: int, P: int) -> int:
+    return 4 * M * P
 
 
-def _paired_row_elements(M: int, P: int, k: int, d: int) -> int:
-    return M * max(P, 3 * k * d)
+def _paired_similarity(subcaptions, patches, subcaption_mask, patch_mask, normalize_inputs):
+    u, u_norm = calibrate(subcaptions, subcaption_mask, normalize_inputs)
+    v, v_norm = calibrate(patches, patch_mask, normalize_inputs)
+    sigma = (u @ v.transpose(1, 2)).masked_fill(~patch_mask[:, None, :], float("-inf"))
+    return u, u_norm, v, v_norm, sigma
 
 
 @torch.library.custom_op("mulclip::subcaption_patch_align_torch_forward", mutates_args=())
@@ -86,13 +76,11 @@ def subcaption_patch_align_forward(subcaptions: Tensor, patches: Tensor, k: int,
     B, M, d = subcaptions.shape
     regions = torch.empty_like(subcaptions)
     index = torch.empty((B, M, k), dtype=torch.int32, device=subcaptions.device)
-    for s in chunk_slices(B, _paired_row_elements(M, patches.shape[1], k, d)):
-        u, _ = calibrate(subcaptions[s], subcaption_mask[s], normalize_inputs)
-        v, _ = calibrate(patches[s], patch_mask[s], normalize_inputs)
-        sigma = (u @ v.transpose(1, 2)).masked_fill(~patch_mask[s, None, :], float("-inf"))
+    for s in chunk_slices(B, _paired_row_elements(M, patches.shape[1])):
+        _, _, v, _, sigma = _paired_similarity(subcaptions[s], patches[s], subcaption_mask[s], patch_mask[s],
+                                               normalize_inputs)
         chunk_index = topk_lower_index(sigma, k)
-        chosen = _gather_own(v, chunk_index)
-        chunk = torch.einsum("bmk,bmkd->bmd", _weights(u, chosen, temperature), chosen)
+        chunk = _dense_weights(sigma, chunk_index, temperature)[1] @ v
         regions[s] = torch.where(subcaption_mask[s, :, None], chunk, torch.zeros((), device=chunk.device))
         index[s] = chunk_index.int()
     return regions, index
@@ -110,16 +98,16 @@ def subcaption_patch_align_backward(grad_regions: Tensor, subcaptions: Tensor, p
                                     normalize_inputs: bool) -> Tuple[Tensor, Tensor]:
     """Gradients for subcaptions and patches from the saved indices."""
     grad_sub, grad_patch = torch.empty_like(subcaptions), torch.empty_like(patches)
-    B, M, d = subcaptions.shape
-    P, k = patches.shape[1], index.shape[-1]
-    for s in chunk_slices(B, _paired_row_elements(M, P, k, d)):
-        u, u_norm = calibrate(subcaptions[s], subcaption_mask[s], normalize_inputs)
-        v, v_norm = calibrate(patches[s], patch_mask[s], normalize_inputs)
+    B, M, _ = subcaptions.shape
+    for s in chunk_slices(B, _paired_row_elements(M, patches.shape[1])):
+        u, u_norm, v, v_norm, sigma = _paired_similarity(subcaptions[s], patches[s], subcaption_mask[s],
+                                                         patch_mask[s], normalize_inputs)
         chunk_index = index[s].long()
-        chosen = _gather_own(v, chunk_index)
+        weights, dense = _dense_weights(sigma, chunk_index, temperature)
         g = torch.where(subcaption_mask[s, :, None], grad_regions[s].to(u.dtype), torch.zeros((), device=u.device))
-        d_u, d_chosen = _aggregate_backward(g, u, chosen, _weights(u, chosen, temperature), temperature)
-        d_v = _scatter_chosen(d_chosen.reshape(-1, M * k, d), chunk_index.reshape(-1, M * k), u.shape[0], P)
+        d_sim = _dense_sim_grad(g @ v.transpose(1, 2), chunk_index, weights, temperature)
+        d_u = d_sim @ v
+        d_v = dense.transpose(1, 2) @ g + d_sim.transpose(1, 2) @ u
         grad_sub[s] = calibrate_backward(d_u, u, u_norm, subcaption_mask[s], subcaptions.dtype)
         grad_patch[s] = calibrate_backward(d_v, v, v_norm, patch_mask[s], patches.dtype)
     return grad_sub, grad_patch
@@ -158,14 +146,8 @@ def subcaption_patch_align(subcaptions, patches, k, subcaption_mask, patch_mask,
 # Cross: every subcaption against every image.
 # ---------------------------------------------------------------------------------------------
 
-def _gather_cross(v: Tensor, index: Tensor) -> Tensor:
-    """v (B,P,d), index (n,B,k) -> the chosen patches (n,B,k,d)."""
-    images = torch.arange(v.shape[0], device=v.device)[None, :, None]
-    return v[images, index]
-
-
-def _cross_row_elements(B: int, P: int, k: int, d: int) -> int:
-    return B * max(P, 3 * k * d)
+def _cross_row_elements(B: int, P: int) -> int:
+    return 4 * B * P
 
 
 def _rows(subcaptions: Tensor, normalize_inputs: bool):
@@ -177,17 +159,16 @@ def _rows(subcaptions: Tensor, normalize_inputs: bool):
 def subcaption_patch_scores_forward(subcaptions: Tensor, patches: Tensor, k: int, patch_mask: Tensor,
                                     temperature: float, normalize_inputs: bool) -> Tuple[Tensor, Tensor]:
     """Scores (N,B) in the input dtype and the chosen indices (N,B,k) int32."""
-    N, d = subcaptions.shape
+    N = subcaptions.shape[0]
     B, P, _ = patches.shape
     v, _ = calibrate(patches, patch_mask, normalize_inputs)
     scores = torch.empty((N, B), dtype=subcaptions.dtype, device=subcaptions.device)
     index = torch.empty((N, B, k), dtype=torch.int32, device=subcaptions.device)
-    for s in chunk_slices(N, _cross_row_elements(B, P, k, d)):
+    for s in chunk_slices(N, _cross_row_elements(B, P)):
         u, _ = _rows(subcaptions[s], normalize_inputs)
         sigma = torch.einsum("nd,bpd->nbp", u, v).masked_fill(~patch_mask[None], float("-inf"))
         chunk_index = topk_lower_index(sigma, k)
-        chosen = _gather_cross(v, chunk_index)
-        regions = torch.einsum("nbk,nbkd->nbd", _weights(u[:, None, :], chosen, temperature), chosen)
+        regions = torch.einsum("nbp,bpd->nbd", _dense_weights(sigma, chunk_index, temperature)[1], v)
         regions = regions / regions.norm(dim=-1, keepdim=True).clamp_min(EPS)
         scores[s] = (u[:, None, :] * regions).sum(dim=-1).to(scores.dtype)
         index[s] = chunk_index.int()
@@ -205,27 +186,24 @@ def subcaption_patch_scores_backward(grad_scores: Tensor, subcaptions: Tensor, p
                                      patch_mask: Tensor, temperature: float,
                                      normalize_inputs: bool) -> Tuple[Tensor, Tensor]:
     """Gradients for subcaptions and patches from the saved indices."""
-    N, d = subcaptions.shape
+    N = subcaptions.shape[0]
     B, P, _ = patches.shape
     v, v_norm = calibrate(patches, patch_mask, normalize_inputs)
     grad_sub = torch.empty_like(subcaptions)
     d_v = torch.zeros_like(v)
-    for s in chunk_slices(N, _cross_row_elements(B, P, index.shape[-1], d)):
+    for s in chunk_slices(N, _cross_row_elements(B, P)):
         u, u_norm = _rows(subcaptions[s], normalize_inputs)
         chunk_index = index[s].long()
-        chosen = _gather_cross(v, chunk_index)  # (n,B,k,d)
-        weights = _weights(u[:, None, :], chosen, temperature)
-        regions = torch.einsum("nbk,nbkd->nbd", weights, chosen)
+        sigma = torch.einsum("nd,bpd->nbp", u, v)  # the chosen entries are never masked ones
+        weights, dense = _dense_weights(sigma, chunk_index, temperature)
+        regions = torch.einsum("nbp,bpd->nbd", dense, v)
         region_norm = regions.norm(dim=-1, keepdim=True)
         unit = regions / region_norm.clamp_min(EPS)
         g = grad_scores[s].to(u.dtype)[..., None]  # (n,B,1)
-        d_u = (g * unit).sum(dim=1)
         d_regions = normalize_backward(g * u[:, None, :], unit, region_norm)
-        d_u_agg, d_chosen = _aggregate_backward(d_regions, u[:, None, :].expand_as(d_regions), chosen, weights,
-                                                temperature)
-        d_u = d_u + d_u_agg.sum(dim=1)
-        d_v += _scatter_chosen(d_chosen.transpose(0, 1).reshape(B, -1, d), chunk_index.transpose(0, 1).reshape(B, -1),
-                               B, P)
+        d_sim = _dense_sim_grad(torch.einsum("nbd,bpd->nbp", d_regions, v), chunk_index, weights, temperature)
+        d_u = (g * unit).sum(dim=1) + torch.einsum("nbp,bpd->nd", d_sim, v)
+        d_v += torch.einsum("nbp,nbd->bpd", dense, d_regions) + torch.einsum("nbp,nd->bpd", d_sim, u)
         grad_sub[s] = calibrate_backward(d_u, u, u_norm, torch.ones_like(u[..., 0], dtype=torch.bool),
                                          subcaptions.dtype)
     return grad_sub, calibrate_backward(d_v, v, v_norm, patch_mask, patches.dtype)
