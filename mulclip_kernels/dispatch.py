@@ -22,10 +22,12 @@ _BACKEND_MODULES: Dict[str, Dict[str, str]] = {
     "subcaption_patch_align": {
         "reference": "mulclip_kernels.reference",
         "torch": "mulclip_kernels.ops.torch_subcaption_patch",
+        "cpp": "mulclip_kernels.ops.cpp_subcaption_patch",
     },
     "subcaption_patch_scores": {
         "reference": "mulclip_kernels.reference",
         "torch": "mulclip_kernels.ops.torch_subcaption_patch",
+        "cpp": "mulclip_kernels.ops.cpp_subcaption_patch",
     },
 }
 

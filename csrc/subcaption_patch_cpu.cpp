@@ -1,0 +1,385 @@
+// C++ CPU backend ("cpp") of SAP, paired and cross, forward and backward, built from the per-row
+// algorithm of subcaption_patch.h and parallelised with at::parallel_for (OpenMP in the torch
+// wheels).
+//
+// Layout of the work:
+// - Calibration first: the subcaptions and patches are copied once into the accumulation
+//   dtype (float32, float64 for float64 inputs), L2-normalised, masked rows zeroed. Masked
+//   rows are never read from the inputs, so NaN padding cannot leak.
+// - Similarities come in tiles from the CPU BLAS (at::mm), one tile of at most kTileElements
+//   per task, and are consumed at once by the streaming top-k: nothing of size B*M*P or N*B*P
+//   is ever allocated. The BLAS is what makes this faster than a hand-written dot loop.
+// - Everything after the similarity (top-k, softmax, aggregation, norms, backward) is the
+//   header's per-row code, in loops over d that the compiler vectorises.
+// - Backward never recomputes a similarity: it reads the saved indices and sigma (and rho for
+//   cross). Each task owns the gradient rows it writes, so there are no atomics: the paired
+//   backward runs per image; the cross backward runs one pass per subcaption (dL/du) and one
+//   per image (dL/dv).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "subcaption_patch.h"
+
+namespace {
+
+using namespace mulclip::sap;
+using at::Tensor;
+
+// Elements of one similarity tile (rows x patches); 256 KiB in float32 stays in L2.
+constexpr int64_t kTileElements = 1 << 16;
+
+template <typename A>
+A dot(const A* a, const A* b, int64_t d) {
+  A total = A(0);
+  for (int64_t i = 0; i < d; ++i) total += a[i] * b[i];
+  return total;
+}
+
+template <typename A>
+void axpy(A alpha, const A* x, A* y, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) y[i] += alpha * x[i];
+}
+
+// Calibrated rows in the accumulation dtype (masked rows zero) and the norms of the raw rows.
+template <typename T, typename A>
+void calibrate(const Tensor& x, const bool* mask, bool normalize, Tensor& out, Tensor& norms) {
+  const int64_t d = x.size(-1);
+  const int64_t rows = x.numel() / d;
+  out = at::empty({rows, d}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
+  norms = at::empty({rows}, out.options());
+  const T* src = x.data_ptr<T>();
+  A* dst = out.data_ptr<A>();
+  A* norm = norms.data_ptr<A>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / d), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      A* y = dst + row * d;
+      if (mask != nullptr && !mask[row]) {
+        std::fill(y, y + d, A(0));
+        norm[row] = A(0);
+        continue;
+      }
+      const T* x_row = src + row * d;
+      A sumsq = A(0);
+      for (int64_t i = 0; i < d; ++i) {
+        y[i] = static_cast<A>(x_row[i]);
+        sumsq += y[i] * y[i];
+      }
+      norm[row] = sap_sqrt(sumsq);
+      const A scale = calibration_scale(sumsq, normalize);
+      for (int64_t i = 0; i < d; ++i) y[i] *= scale;
+    }
+  });
+}
+
+// dL/dx from dL/dx' (in place in `grad`) for one row, written in the input dtype.
+template <typename T, typename A>
+void write_calibration_grad(const A* grad, const A* xp, A norm, int64_t d, bool normalize, T* out) {
+  const A along = dot(xp, grad, d);
+  for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(calibration_backward(grad[i], xp[i], along, norm, normalize));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paired: each sample's subcaptions against its own image.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+std::vector<Tensor> align_forward_impl(const Tensor& sub, const Tensor& patches, int64_t k, const Tensor& sub_mask,
+                                       const Tensor& patch_mask, double tau, bool normalize) {
+  using A = at::opmath_type<T>;
+  const int64_t B = sub.size(0), M = sub.size(1), d = sub.size(2), P = patches.size(1);
+  Tensor u, u_norm, v, v_norm;
+  calibrate<T, A>(sub, sub_mask.data_ptr<bool>(), normalize, u, u_norm);
+  calibrate<T, A>(patches, patch_mask.data_ptr<bool>(), normalize, v, v_norm);
+  u = u.view({B, M, d});
+  v = v.view({B, P, d});
+
+  Tensor regions = at::empty_like(sub);
+  Tensor index = at::empty({B, M, k}, sub.options().dtype(at::kInt));
+  Tensor sigma = at::empty({B, M, k}, u.options());
+  const A* v_data = v.data_ptr<A>();
+  const bool* sm = sub_mask.data_ptr<bool>();
+  const bool* pm = patch_mask.data_ptr<bool>();
+  T* out = regions.data_ptr<T>();
+  int* idx_out = index.data_ptr<int>();
+  A* sig_out = sigma.data_ptr<A>();
+  const A temperature = static_cast<A>(tau);
+
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> w(k), r(d);
+    for (int64_t b = begin; b < end; ++b) {
+      const Tensor tile = at::mm(u[b], v[b].t()).contiguous();  // (M, P)
+      const A* sim = tile.data_ptr<A>();
+      const A* vb = v_data + b * P * d;
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t row = b * M + m;
+        A* val = sig_out + row * k;
+        int* idx = idx_out + row * k;
+        int count = 0;
+        if (sm[row]) {
+          count = select_topk(sim + m * P, pm + b * P, static_cast<int>(P), static_cast<int>(k), val, idx);
+        } else {
+          select_topk(sim, pm, 0, static_cast<int>(k), val, idx);  // no patch: every slot free
+        }
+        softmax_chosen(val, count, temperature, w.data());
+        std::fill(r.begin(), r.end(), A(0));
+        for (int j = 0; j < count; ++j) axpy(w[j], vb + idx[j] * d, r.data(), d);
+        for (int64_t i = 0; i < d; ++i) out[row * d + i] = static_cast<T>(r[i]);
+      }
+    }
+  });
+  return {regions, index, sigma};
+}
+
+template <typename T>
+std::vector<Tensor> align_backward_impl(const Tensor& grad, const Tensor& sub, const Tensor& patches,
+                                        const Tensor& index, const Tensor& sigma, const Tensor& sub_mask,
+                                        const Tensor& patch_mask, double tau, bool normalize) {
+  using A = at::opmath_type<T>;
+  const int64_t B = sub.size(0), M = sub.size(1), d = sub.size(2), P = patches.size(1), k = index.size(2);
+  Tensor u, u_norm, v, v_norm;
+  calibrate<T, A>(sub, sub_mask.data_ptr<bool>(), normalize, u, u_norm);
+  calibrate<T, A>(patches, patch_mask.data_ptr<bool>(), normalize, v, v_norm);
+
+  Tensor grad_sub = at::empty_like(sub), grad_patches = at::empty_like(patches);
+  const A *u_data = u.data_ptr<A>(), *v_data = v.data_ptr<A>();
+  const A *un = u_norm.data_ptr<A>(), *vn = v_norm.data_ptr<A>();
+  const A* sig = sigma.data_ptr<A>();
+  const int* idx_all = index.data_ptr<int>();
+  const T* g_all = grad.data_ptr<T>();
+  const bool* sm = sub_mask.data_ptr<bool>();
+  const bool* pm = patch_mask.data_ptr<bool>();
+  T* gs = grad_sub.data_ptr<T>();
+  T* gp = grad_patches.data_ptr<T>();
+  const A temperature = static_cast<A>(tau);
+
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> w(k), dw(k), ds(k), g(d), du(d), dv(P * d);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(dv.begin(), dv.end(), A(0));
+      const A* vb = v_data + b * P * d;
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t row = b * M + m;
+        T* gs_row = gs + row * d;
+        const int* idx = idx_all + row * k;
+        const int count = sm[row] ? chosen_count(idx, static_cast<int>(k)) : 0;
+        if (count == 0) {
+          std::fill(gs_row, gs_row + d, static_cast<T>(0));
+          continue;
+        }
+        const A* u_row = u_data + row * d;
+        for (int64_t i = 0; i < d; ++i) g[i] = static_cast<A>(g_all[row * d + i]);
+        softmax_chosen(sig + row * k, count, temperature, w.data());
+        for (int j = 0; j < count; ++j) dw[j] = dot(g.data(), vb + idx[j] * d, d);
+        softmax_chosen_backward(w.data(), dw.data(), count, temperature, ds.data());
+        std::fill(du.begin(), du.end(), A(0));
+        for (int j = 0; j < count; ++j) {
+          const A* vj = vb + idx[j] * d;
+          A* dvj = dv.data() + idx[j] * d;
+          axpy(ds[j], vj, du.data(), d);
+          axpy(w[j], g.data(), dvj, d);
+          axpy(ds[j], u_row, dvj, d);
+        }
+        write_calibration_grad(du.data(), u_row, un[row], d, normalize, gs_row);
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        T* gp_row = gp + (b * P + p) * d;
+        if (pm[b * P + p]) {
+          write_calibration_grad(dv.data() + p * d, vb + p * d, vn[b * P + p], d, normalize, gp_row);
+        } else {
+          std::fill(gp_row, gp_row + d, static_cast<T>(0));
+        }
+      }
+    }
+  });
+  return {grad_sub, grad_patches};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross: every subcaption against every image.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+std::vector<Tensor> scores_forward_impl(const Tensor& sub, const Tensor& patches, int64_t k, const Tensor& patch_mask,
+                                        double tau, bool normalize) {
+  using A = at::opmath_type<T>;
+  const int64_t N = sub.size(0), d = sub.size(1), B = patches.size(0), P = patches.size(1);
+  Tensor u, u_norm, v, v_norm;
+  calibrate<T, A>(sub, nullptr, normalize, u, u_norm);
+  calibrate<T, A>(patches, patch_mask.data_ptr<bool>(), normalize, v, v_norm);
+  v = v.view({B, P, d});
+
+  Tensor scores = at::empty({N, B}, sub.options());
+  Tensor index = at::empty({N, B, k}, sub.options().dtype(at::kInt));
+  Tensor sigma = at::empty({N, B, k}, u.options());
+  Tensor rho = at::empty({N, B, k}, u.options());
+  const A *u_data = u.data_ptr<A>(), *v_data = v.data_ptr<A>();
+  const bool* pm = patch_mask.data_ptr<bool>();
+  T* out = scores.data_ptr<T>();
+  int* idx_out = index.data_ptr<int>();
+  A* sig_out = sigma.data_ptr<A>();
+  A* rho_out = rho.data_ptr<A>();
+  const A temperature = static_cast<A>(tau);
+
+  const int64_t tile_rows = std::min<int64_t>(N, std::max<int64_t>(1, kTileElements / P));
+  const int64_t tiles = (N + tile_rows - 1) / tile_rows;
+  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> w(k), r(d);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tiles, n0 = (task % tiles) * tile_rows, rows = std::min(tile_rows, N - n0);
+      const Tensor tile = at::mm(u.narrow(0, n0, rows), v[b].t()).contiguous();  // (rows, P)
+      const A* sim = tile.data_ptr<A>();
+      const A* vb = v_data + b * P * d;
+      for (int64_t n = n0; n < n0 + rows; ++n) {
+        const int64_t row = n * B + b;
+        A* val = sig_out + row * k;
+        int* idx = idx_out + row * k;
+        const int count = select_topk(sim + (n - n0) * P, pm + b * P, static_cast<int>(P), static_cast<int>(k),
+                                      val, idx);
+        softmax_chosen(val, count, temperature, w.data());
+        std::fill(r.begin(), r.end(), A(0));
+        for (int j = 0; j < count; ++j) axpy(w[j], vb + idx[j] * d, r.data(), d);
+        for (int j = 0; j < k; ++j) rho_out[row * k + j] = j < count ? dot(r.data(), vb + idx[j] * d, d) : A(0);
+        out[row] = static_cast<T>(cross_score(dot(u_data + n * d, r.data(), d), dot(r.data(), r.data(), d)));
+      }
+    }
+  });
+  return {scores, index, sigma, rho};
+}
+
+template <typename T>
+std::vector<Tensor> scores_backward_impl(const Tensor& grad, const Tensor& sub, const Tensor& patches,
+                                         const Tensor& index, const Tensor& sigma, const Tensor& rho,
+                                         const Tensor& patch_mask, double tau, bool normalize) {
+  using A = at::opmath_type<T>;
+  const int64_t N = sub.size(0), d = sub.size(1), B = patches.size(0), P = patches.size(1), k = index.size(2);
+  Tensor u, u_norm, v, v_norm;
+  calibrate<T, A>(sub, nullptr, normalize, u, u_norm);
+  calibrate<T, A>(patches, patch_mask.data_ptr<bool>(), normalize, v, v_norm);
+
+  Tensor grad_sub = at::empty_like(sub), grad_patches = at::empty_like(patches);
+  const A *u_data = u.data_ptr<A>(), *v_data = v.data_ptr<A>();
+  const A *un = u_norm.data_ptr<A>(), *vn = v_norm.data_ptr<A>();
+  const A *sig = sigma.data_ptr<A>(), *rh = rho.data_ptr<A>();
+  const int* idx_all = index.data_ptr<int>();
+  const T* g_all = grad.data_ptr<T>();
+  const bool* pm = patch_mask.data_ptr<bool>();
+  T* gs = grad_sub.data_ptr<T>();
+  T* gp = grad_patches.data_ptr<T>();
+  const A temperature = static_cast<A>(tau);
+
+  // The per-row scalars of one (n, b) pair; cheap (O(k)), so both passes recompute them.
+  struct Row {
+    std::vector<A> w, scratch, alpha, beta;
+    explicit Row(int64_t k) : w(k), scratch(k), alpha(k), beta(k) {}
+  };
+  auto coefficients = [&](int64_t n, int64_t b, Row& s, int& count, A& divisor) {
+    const int64_t row = n * B + b;
+    count = chosen_count(idx_all + row * k, static_cast<int>(k));
+    softmax_chosen(sig + row * k, count, temperature, s.w.data());
+    divisor = cross_backward_coefficients(sig + row * k, rh + row * k, s.w.data(), count,
+                                          static_cast<A>(g_all[row]), temperature, s.scratch.data(),
+                                          s.alpha.data(), s.beta.data());
+  };
+
+  // dL/du: one task per subcaption, over every image.
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    Row s(k);
+    std::vector<A> du(d);
+    for (int64_t n = begin; n < end; ++n) {
+      std::fill(du.begin(), du.end(), A(0));
+      for (int64_t b = 0; b < B; ++b) {
+        if (static_cast<A>(g_all[n * B + b]) == A(0)) continue;  // every term carries g
+        int count;
+        A divisor;
+        coefficients(n, b, s, count, divisor);
+        const int* idx = idx_all + (n * B + b) * k;
+        for (int j = 0; j < count; ++j) axpy(s.alpha[j], v_data + (b * P + idx[j]) * d, du.data(), d);
+      }
+      write_calibration_grad(du.data(), u_data + n * d, un[n], d, normalize, gs + n * d);
+    }
+  });
+
+  // dL/dv: one task per image, over every subcaption.
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    Row s(k);
+    std::vector<A> y(d), dv(P * d);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(dv.begin(), dv.end(), A(0));
+      const A* vb = v_data + b * P * d;
+      for (int64_t n = 0; n < N; ++n) {
+        if (static_cast<A>(g_all[n * B + b]) == A(0)) continue;
+        int count;
+        A divisor;
+        coefficients(n, b, s, count, divisor);
+        const int* idx = idx_all + (n * B + b) * k;
+        std::fill(y.begin(), y.end(), A(0));
+        for (int j = 0; j < count; ++j) axpy(s.w[j] / divisor, vb + idx[j] * d, y.data(), d);
+        const A* u_row = u_data + n * d;
+        for (int j = 0; j < count; ++j) {
+          A* dvj = dv.data() + idx[j] * d;
+          axpy(s.alpha[j], u_row, dvj, d);
+          axpy(-s.beta[j], y.data(), dvj, d);
+        }
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        T* gp_row = gp + (b * P + p) * d;
+        if (pm[b * P + p]) {
+          write_calibration_grad(dv.data() + p * d, vb + p * d, vn[b * P + p], d, normalize, gp_row);
+        } else {
+          std::fill(gp_row, gp_row + d, static_cast<T>(0));
+        }
+      }
+    }
+  });
+  return {grad_sub, grad_patches};
+}
+
+}  // namespace
+
+std::vector<Tensor> sap_align_forward_cpu(const Tensor& sub, const Tensor& patches, int64_t k, const Tensor& sub_mask,
+                                          const Tensor& patch_mask, double tau, bool normalize) {
+  c10::NoGradGuard no_grad;
+  std::vector<Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sub.scalar_type(), "sap_align_forward_cpu", [&] {
+    out = align_forward_impl<scalar_t>(sub, patches, k, sub_mask, patch_mask, tau, normalize);
+  });
+  return out;
+}
+
+std::vector<Tensor> sap_align_backward_cpu(const Tensor& grad, const Tensor& sub, const Tensor& patches,
+                                           const Tensor& index, const Tensor& sigma, const Tensor& sub_mask,
+                                           const Tensor& patch_mask, double tau, bool normalize) {
+  c10::NoGradGuard no_grad;
+  std::vector<Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sub.scalar_type(), "sap_align_backward_cpu", [&] {
+    out = align_backward_impl<scalar_t>(grad, sub, patches, index, sigma, sub_mask, patch_mask, tau, normalize);
+  });
+  return out;
+}
+
+std::vector<Tensor> sap_scores_forward_cpu(const Tensor& sub, const Tensor& patches, int64_t k,
+                                           const Tensor& patch_mask, double tau, bool normalize) {
+  c10::NoGradGuard no_grad;
+  std::vector<Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sub.scalar_type(), "sap_scores_forward_cpu", [&] {
+    out = scores_forward_impl<scalar_t>(sub, patches, k, patch_mask, tau, normalize);
+  });
+  return out;
+}
+
+std::vector<Tensor> sap_scores_backward_cpu(const Tensor& grad, const Tensor& sub, const Tensor& patches,
+                                            const Tensor& index, const Tensor& sigma, const Tensor& rho,
+                                            const Tensor& patch_mask, double tau, bool normalize) {
+  c10::NoGradGuard no_grad;
+  std::vector<Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sub.scalar_type(), "sap_scores_backward_cpu", [&] {
+    out = scores_backward_impl<scalar_t>(grad, sub, patches, index, sigma, rho, patch_mask, tau, normalize);
+  });
+  return out;
+}
