@@ -71,7 +71,9 @@ def parse_args(argv):
                        help="amp: float16 autocast + loss scaling on CUDA (bfloat16 autocast on CPU)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--logs", default="./logs", help="folder of the runs (each in logs/NAME)")
+    run.add_argument("--logs", "--logs-dir", dest="logs", default="./logs",
+                     help="folder of the runs (each in logs/NAME); under torchrun write --logs-dir, since torchrun "
+                          "takes --logs for an abbreviation of its own --logs-specs")
     run.add_argument("--name", default=None, help="run name (default: date, model, batch size, lr)")
     run.add_argument("--resume", default=None,
                      help="'latest' (logs/NAME/checkpoints/latest.pt; starts fresh if absent) or a checkpoint file")
