@@ -11,13 +11,14 @@ SHORT_CAPTION_WEIGHT = 0.5
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights and settings of `mulclip_loss`; `ops` is the kernel backend of WPR and SAP."""
+    """Weights and settings of `mulclip_loss`; `wpr_ops` / `sap_ops` name the kernel backends."""
 
     lambda_wpr: float = 1.0
     lambda_sap: float = 1.0
     sap_mode: str = "slot"
     topk: int = 16
-    ops: str = "auto"
+    wpr_ops: str = "auto"
+    sap_ops: str = "auto"
     recon_temperature: float = 0.05
     contrast_temperature: float = 0.07
     sap_temperature: float = 0.05
@@ -47,14 +48,14 @@ def mulclip_loss(out: Dict[str, torch.Tensor], cfg: LossConfig) -> Dict[str, tor
         wpr = word_patch_reconstruction_loss(
             out["word_features"], out["word_mask"], out["patch_features"], out["patch_mask"],
             recon_temperature=cfg.recon_temperature, contrast_temperature=cfg.contrast_temperature,
-            backend=cfg.ops,
+            backend=cfg.wpr_ops,
         )
     sap = zero
     if cfg.lambda_sap and "subcaption_features" in out:
         sap = subcaption_alignment_loss(
             out["subcaption_features"], out["patch_features"], scale, cfg.topk,
             subcaption_mask=out["subcaption_mask"], patch_mask=out["patch_mask"], mode=cfg.sap_mode,
-            temperature=cfg.sap_temperature, gather_with_grad=gather, backend=cfg.ops,
+            temperature=cfg.sap_temperature, gather_with_grad=gather, backend=cfg.sap_ops,
         )
     loss = global_loss + cfg.lambda_wpr * wpr + cfg.lambda_sap * sap
     return {"loss": loss, "global_loss": global_loss, "wpr_loss": wpr, "sap_loss": sap}

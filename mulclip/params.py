@@ -52,7 +52,8 @@ def parse_args(argv):
     loss.add_argument("--lambda-sap", type=float, default=1.0, help="weight of the subcaption alignment loss")
     loss.add_argument("--sap-mode", choices=("slot", "all", "cross"), default="slot")
     loss.add_argument("--topk", type=int, default=16, help="patches per subcaption region (k of SAP)")
-    loss.add_argument("--ops", choices=OPS_CHOICES, default="auto", help="mulclip_kernels backend of WPR and SAP")
+    loss.add_argument("--ops", choices=OPS_CHOICES, default="auto",
+                      help="mulclip_kernels backend of WPR and SAP; an op without that backend uses auto")
     loss.add_argument("--recon-temperature", type=float, default=LossConfig.recon_temperature)
     loss.add_argument("--contrast-temperature", type=float, default=LossConfig.contrast_temperature)
     loss.add_argument("--sap-temperature", type=float, default=LossConfig.sap_temperature)
@@ -92,6 +93,13 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     _validate(parser, args)
     return args
+
+
+def op_backends(ops: str):
+    """(WPR backend, SAP backend) for --ops: the named backend where the op has it, "auto" elsewhere."""
+    wpr = ops if ops in backends("word_patch_reconstruction") else "auto"
+    sap = ops if all(ops in backends(op) for op in KERNEL_OPS[1:]) else "auto"
+    return wpr, sap
 
 
 def _validate(parser, args) -> None:
@@ -136,9 +144,10 @@ def _validate(parser, args) -> None:
     if args.val_data == SYNTHETIC and args.val_num_samples is None:
         args.val_num_samples = DEFAULT_VAL_SAMPLES
 
-    for op in KERNEL_OPS:
-        if args.ops not in backends(op):
-            parser.error(f"--ops {args.ops}: no such backend installed for {op} (installed: {', '.join(backends(op))})")
+    installed = {op: backends(op) for op in KERNEL_OPS}
+    if not any(args.ops in names for names in installed.values()):
+        parser.error(f"--ops {args.ops}: no op has this backend installed "
+                     f"({'; '.join(f'{op}: {names}' for op, names in installed.items())})")
     if args.resume not in (None, "latest") and not os.path.isfile(args.resume):
         parser.error(f"--resume: no such checkpoint file: {args.resume}")
     if args.resume == "latest" and args.name is None:

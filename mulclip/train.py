@@ -25,7 +25,7 @@ from .data import Collator, DataInfo, get_train_data, get_val_data
 from .distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
 from .loss import LossConfig, mulclip_loss
 from .model import MulCLIP, create_model, get_tokenizer, image_transform
-from .params import parse_args
+from .params import KERNEL_OPS, op_backends, parse_args
 from .retrieval import hard_negative_accuracy, recall_at_k
 
 LOSS_KEYS = ("loss", "global_loss", "wpr_loss", "sap_loss")
@@ -281,6 +281,18 @@ def format_results(results: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def check_backends(wpr_ops: str, sap_ops: str, device: torch.device) -> None:
+    """Exit with the reason when a named kernel backend cannot run on this device."""
+    from mulclip_kernels.dispatch import availability
+
+    for op, backend in zip(KERNEL_OPS, (wpr_ops, sap_ops, sap_ops)):
+        if backend != "auto":
+            ok, reason = availability(op, backend, device)
+            if not ok:
+                raise SystemExit(f"error: --ops {backend} cannot run {op} on {device}: {reason}")
+    logging.info("kernel backends: WPR %s, SAP %s", wpr_ops, sap_ops)
+
+
 def default_name(args) -> str:
     stamp = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
     return f"{stamp}-{args.model}-b{args.batch_size}-lr{args.lr:g}-{args.precision}"
@@ -308,6 +320,9 @@ def main(argv) -> Dict[str, Dict[str, float]]:
     run = Run(args.logs, args.name, env.is_master, args.tensorboard)
     logging.info("run %s on %s (%d process(es)); flags: %s", args.name, env.device, env.world_size,
                  " ".join(f"--{k.replace('_', '-')}={v}" for k, v in sorted(vars(args).items())))
+
+    wpr_ops, sap_ops = op_backends(args.ops)
+    check_backends(wpr_ops, sap_ops, env.device)
 
     random_seed(args.seed)  # the same initial weights on every rank
     model = create_model(args.model, args.pretrained, calibration_tokens=args.calibration_tokens, device=env.device)
@@ -354,7 +369,8 @@ def main(argv) -> Dict[str, Dict[str, float]]:
             find_unused_parameters=args.calibration_tokens > 0 and args.lambda_wpr == 0,
         )
     loss_cfg = LossConfig(
-        lambda_wpr=args.lambda_wpr, lambda_sap=args.lambda_sap, sap_mode=args.sap_mode, topk=args.topk, ops=args.ops,
+        lambda_wpr=args.lambda_wpr, lambda_sap=args.lambda_sap, sap_mode=args.sap_mode, topk=args.topk,
+        wpr_ops=wpr_ops, sap_ops=sap_ops,
         recon_temperature=args.recon_temperature, contrast_temperature=args.contrast_temperature,
         sap_temperature=args.sap_temperature, gather_with_grad=env.distributed,
     )

@@ -174,3 +174,16 @@ def test_lock_image_keeps_the_image_tower(tmp_path):
         if key.startswith("visual."):
             assert torch.equal(value, initial[key]), key
     assert not torch.equal(state["state_dict"]["text_projection"], initial["text_projection"])
+
+
+def test_ops_backend_choice(tmp_path, capsys):
+    from mulclip.params import op_backends
+
+    assert op_backends("auto") == ("auto", "auto")
+    assert op_backends("reference") == ("reference", "reference")
+    if torch.cuda.is_available():
+        return
+    # Not installed (argparse error) or installed but unable to run on CPU tensors (exit message).
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path, "cuda", "--ops", "cuda")
+    assert "--ops cuda" in str(exc.value) + capsys.readouterr().err
