@@ -11,10 +11,38 @@ from .subcaption_patch import subcaption_patch_align, subcaption_patch_scores
 SAP_MODES = ("slot", "all", "cross")
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient and keeps this rank's slice.
+
+    Every rank computes the whole contrastive loss over the gathered batch, so the gradient of
+    this rank's rows is the sum over ranks (open_clip's gather-with-grad). The incoming gradient is
+    made contiguous first: torch.distributed.nn's all_gather backward scatters a transposed
+    gradient as if it were contiguous and returns it scrambled.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_batch(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` over the data-parallel ranks along dim 0, gradient flowing back to each rank.
 
-    Without an initialised process group (or with one rank) returns `x` itself.
+    Every rank must pass the same shape. Without an initialised process group (or with one rank)
+    returns `x` itself.
     """
     import torch.distributed as dist
 
@@ -24,9 +52,7 @@ def gather_batch(x: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts)
-    import torch.distributed.nn.functional as dist_nn
-
-    return torch.cat(dist_nn.all_gather(x.contiguous()))
+    return _GatherWithGrad.apply(x)
 
 
 def _symmetric_masked_contrast(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, logit_scale) -> torch.Tensor:

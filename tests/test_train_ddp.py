@@ -18,17 +18,9 @@ def losses(folder):
         return [json.loads(line) for line in f if "loss" in json.loads(line)]
 
 
-# The SAP "slot" loss contrasts subcaptions gathered across ranks. torch's gloo all_gather
-# backward (torch.distributed.nn) allocates its receive buffers with empty_like of the incoming
-# gradients and scatters into them as if contiguous, so a transposed incoming gradient (the
-# subcaption side of the SAP contrast gets one) comes back scrambled. mulclip_kernels.gather_batch
-# has to make the incoming gradients contiguous; until it does, the full loss fails here (strict
-# xfail, so the fix shows up as an unexpected pass). Global + WPR alone match exactly.
-GATHER_BUG = pytest.mark.xfail(strict=True, reason="gather_batch passes non-contiguous grads to all_gather backward")
 
 
-@pytest.mark.parametrize("flags", [["--lambda-sap", "0"], pytest.param(["--sap-mode", "slot"], marks=GATHER_BUG)],
-                         ids=["global+wpr", "full"])
+@pytest.mark.parametrize("flags", [["--lambda-sap", "0"], ["--sap-mode", "slot"]], ids=["global+wpr", "full"])
 def test_two_process_ddp_matches_one_process(tmp_path, flags):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
