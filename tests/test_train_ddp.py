@@ -18,8 +18,6 @@ def losses(folder):
         return [json.loads(line) for line in f if "loss" in json.loads(line)]
 
 
-
-
 @pytest.mark.parametrize("flags", [["--lambda-sap", "0"], ["--sap-mode", "slot"]], ids=["global+wpr", "full"])
 def test_two_process_ddp_matches_one_process(tmp_path, flags):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
