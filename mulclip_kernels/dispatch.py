@@ -18,6 +18,7 @@ _BACKEND_MODULES: Dict[str, Dict[str, str]] = {
     "word_patch_reconstruction": {
         "reference": "mulclip_kernels.reference",
         "torch": "mulclip_kernels.ops.torch_word_patch",
+        "triton": "mulclip_kernels.ops.triton_word_patch",
     },
     "subcaption_patch_align": {
         "reference": "mulclip_kernels.reference",

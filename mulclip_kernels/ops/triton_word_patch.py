@@ -1,0 +1,713 @@
+"""Fused Triton backend ("triton") of the word-patch reconstruction (WPR) loss, method section 3.
+
+Layout (Liger style): the `@triton.jit` kernels with the math in comments, then the host
+`wpr_forward` / `wpr_backward` that allocate, pick block sizes and launch, then the
+`torch.library` custom ops (analytic backward registered on the forward op), and last
+`aot_kernel_configs()`, which lists every kernel specialisation the host can launch on a GPU for
+the ahead-of-time compile check of `mulclip_kernels.aot`.
+
+Both sides of WPR are the same computation with the roles swapped, so every kernel is written
+for one side: rows `a` (n_a of them; the words on the text side) rebuilt from columns `b` (the
+patches). Per sample, with a = norm(rows) and b = norm(columns), zero where masked:
+
+    S = a b^T,  A = softmax_b(S / tau_r),  y = A b,  r = y / max(|y|, eps)
+    G = r a^T / tau_c,  CE_i = lse_j G_ij - G_ii (valid i, j),  L_side = mean_i CE_i
+    L = (L_text + L_image) / 2, 0 for a sample without a valid word.
+
+Forward (flash-attention style, nothing of size n_a x n_b or n_a x n_a is ever stored):
+  `_row_norm_kernel`   |X_i| per row (the calibration); a = X / max(|X|, eps) is applied on load.
+  `_recon_kernel`      online softmax over column tiles; y (n_a x d, a temporary) and the
+                       base-2 log-sum-exp of S / tau_r per row.
+  `_contrast_kernel`   |y_i| and an online log-sum-exp of G over the same side's row tiles; CE_i.
+  `_finalize_kernel`   per sample: the mean over valid rows of both sides, and the loss weights.
+Saved for backward: |X|, lse(S), |y| and lse(G) per row of both sides and two weights per sample:
+O(B(K+P)) floats.
+
+Backward, with w = dL/dCE_i = g_b / (2 n_valid) (0 for a sample without words), recomputes y
+(`_recon_kernel` again, bit-identical to the forward) and then:
+  dG_ij = w (softmax_j(G_i) - delta_ij)                 (valid i, j)
+  dr_i = sum_j dG_ij a_j / tau_c,   c_i = r_i . dr_i = sum_j dG_ij G_ij   (no width reduction)
+  dy_i = (dr_i - r_i c_i) / |y_i|   (dr_i / eps when |y_i| <= eps)      `_contrast_backward_kernel`
+  D_i = dy_i . y_i  = 0 when |y_i| > eps (dy is orthogonal to y), c_i otherwise
+  dS_ip = A_ip (dy_i . b_p - D_i) / tau_r        (flash attention's D = rowsum(dO * O) trick)
+  da_j += sum_i dG_ij r_i / tau_c + sum_p dS_ip b_p  (rows of this side)
+  db_p += sum_i (A_ip dy_i + dS_ip a_i)              (columns: the other side's rows)
+`_grad_rows_kernel` gathers, for a block of rows of one input, the three terms that land on
+it: the contrast columns of its own side, the reconstruction rows of its own side and the
+reconstruction columns of the other side, which share one recomputed tile of S. Last the
+calibration backward dX = (da - a (a . da)) / |X| (da / eps when |X| <= eps), zero where masked,
+either in the same kernel (when one program holds the whole width) or in
+`_normalize_backward_kernel`. Backward temporaries: y and dy of both sides (input-sized, in the
+dot dtype) and, when the width is split, an fp32 gradient of the input size.
+
+The width d is split in two ways: contractions over d (S, G, dy . b) loop over `BLOCK_DK`
+chunks, and outputs of width d (y, dy, gradients) are split over programs in `BLOCK_DV` chunks;
+a program recomputes its tile contractions for each output chunk, so `BLOCK_DV` should cover d
+where registers allow.
+
+Numerics: dot operands are the input dtype (fp16/bf16 tensor cores, fp32 accumulators); fp32
+inputs use IEEE fp32 dots (`input_precision="ieee"`, never TF32). Under the Triton interpreter
+bf16 arithmetic is wrong, so bf16 is converted to fp32 on load there. Softmaxes run in base 2
+with log2(e) folded into the scale. Masked rows are never read (masked loads return 0, so even
+NaN padding cannot leak), and every probability of a masked pair is set with `tl.where`.
+Float64 inputs go to the "torch" backend (the kernels accumulate in fp32).
+"""
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference import EPS
+from . import torch_word_patch
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+_EPS = tl.constexpr(EPS)
+_LN2 = tl.constexpr(LN2)
+_NEG_BIG = tl.constexpr(-1e30)  # finite start of running maxima: exp2(m_old - m_new) never sees inf - inf
+
+
+def _interpreting() -> bool:
+    """Whether `@triton.jit` built interpreter functions when this module was imported."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_INTERPRETED = _interpreting()
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """acc + a @ b; fp32 operands use IEEE fp32 (TF32 would lose parity), 16-bit the tensor cores."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _row_valid(mask_ptr, o_r, n):
+    """Rows inside the sample and not masked; the mask is never read past n."""
+    m_in = o_r < n
+    return m_in & (tl.load(mask_ptr + o_r, mask=m_in, other=0) != 0)
+
+
+@triton.jit
+def _inv_norm(norm_ptr, o_r, m_r):
+    """1 / max(|X|, eps) on valid rows, 0 on masked rows (so that they vanish from every tile)."""
+    n = tl.load(norm_ptr + o_r, mask=m_r, other=1.0)
+    return tl.where(m_r, 1.0 / tl.maximum(n, _EPS), 0.0)
+
+
+@triton.jit
+def _load_rows(ptr, o_r, m_r, o_c, D, DOT: tl.constexpr):
+    """[rows, cols] tile of a row-major (n, D) matrix, zero for invalid rows (never read)."""
+    return tl.load(ptr + o_r[:, None] * D + o_c[None, :], mask=m_r[:, None] & (o_c[None, :] < D), other=0.0).to(DOT)
+
+
+@triton.jit
+def _contract(x_ptr, o_x, m_x, y_ptr, o_y, m_y, D,
+              BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_DK: tl.constexpr, DOT: tl.constexpr):
+    """[BLOCK_X, BLOCK_Y] fp32 inner products of rows x[o_x] and y[o_y] over D, in BLOCK_DK chunks."""
+    b_acc = tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_DK):
+        o_k = k0 + tl.arange(0, BLOCK_DK)
+        b_x = _load_rows(x_ptr, o_x, m_x, o_k, D, DOT)  # [BX, BDK]
+        b_y = _load_rows(y_ptr, o_y, m_y, o_k, D, DOT)  # [BY, BDK]
+        b_acc = _dot(b_x, tl.trans(b_y), b_acc)
+    return b_acc
+
+
+@triton.jit
+def _row_norm_kernel(x_ptr, mask_ptr, norm_ptr, n, D, normalize,
+                     BLOCK_R: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """norm[b, i] = |X[b, i]| (1 when not normalising; 0 on masked rows). Grid (B, cdiv(n, BLOCK_R))."""
+    i_b = tl.program_id(0).to(tl.int64)
+    o_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = _row_valid(mask_ptr + i_b * n, o_r, n)
+    x_ptr += i_b * n * D
+    b_ss = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if normalize:
+        for k0 in range(0, D, BLOCK_DK):
+            b_x = _load_rows(x_ptr, o_r, m_r, k0 + tl.arange(0, BLOCK_DK), D, tl.float32)
+            b_ss += tl.sum(b_x * b_x, axis=1)
+        b_norm = tl.sqrt(b_ss)
+    else:
+        b_norm = b_ss + 1.0
+    tl.store(norm_ptr + i_b * n + o_r, tl.where(m_r, b_norm, 0.0), mask=o_r < n)
+
+
+@triton.jit
+def _recon_kernel(a_ptr, a_mask_ptr, a_norm_ptr, b_ptr, b_mask_ptr, b_norm_ptr, y_ptr, lse_ptr,
+                  n_a, n_b, D, scale,
+                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  DOT: tl.constexpr):
+    """y = softmax_b(a b^T / tau_r) b for rows a, and lse2 = log2-sum-exp2 of S * scale per row.
+
+    scale = log2(e) / tau_r. Online softmax over BLOCK_B column tiles; this program writes columns
+    [i_d * BLOCK_DV, +BLOCK_DV) of y. A row with no valid column gets y = 0 and lse2 = 0 (finite,
+    unused). Grid (B, cdiv(n_a, BLOCK_A), cdiv(D, BLOCK_DV)).
+    """
+    i_b = tl.program_id(0).to(tl.int64)
+    i_a, i_d = tl.program_id(1), tl.program_id(2)
+    a_ptr += i_b * n_a * D
+    b_ptr += i_b * n_b * D
+    o_a = i_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    o_v = i_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m_a = _row_valid(a_mask_ptr + i_b * n_a, o_a, n_a)
+    b_ia = _inv_norm(a_norm_ptr + i_b * n_a, o_a, m_a) * scale  # [BA]
+
+    b_m = tl.full([BLOCK_A], _NEG_BIG, dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_A], dtype=tl.float32)
+    b_y = tl.zeros([BLOCK_A, BLOCK_DV], dtype=tl.float32)
+    for p0 in range(0, n_b, BLOCK_B):
+        o_b = p0 + tl.arange(0, BLOCK_B)
+        m_b = _row_valid(b_mask_ptr + i_b * n_b, o_b, n_b)
+        b_ib = _inv_norm(b_norm_ptr + i_b * n_b, o_b, m_b)  # [BB]
+        b_s = _contract(a_ptr, o_a, m_a, b_ptr, o_b, m_b, D, BLOCK_A, BLOCK_B, BLOCK_DK, DOT)
+        b_s = tl.where(m_b[None, :], b_s * b_ia[:, None] * b_ib[None, :], float("-inf"))  # [BA, BB]
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        b_alpha = tl.exp2(b_m - b_m_new)
+        b_p = tl.exp2(b_s - b_m_new[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_v = _load_rows(b_ptr, o_b, m_b, o_v, D, DOT)  # [BB, BDV]
+        b_y = _dot((b_p * b_ib[None, :]).to(DOT), b_v, b_y * b_alpha[:, None])
+        b_m = b_m_new
+    m_some = b_l > 0
+    b_y = b_y / tl.where(m_some, b_l, 1.0)[:, None]
+    m_out = o_a < n_a
+    tl.store(y_ptr + i_b * n_a * D + o_a[:, None] * D + o_v[None, :], b_y.to(y_ptr.dtype.element_ty),
+             mask=m_out[:, None] & (o_v[None, :] < D))
+    if i_d == 0:
+        tl.store(lse_ptr + i_b * n_a + o_a, tl.where(m_some, b_m + tl.log2(tl.where(m_some, b_l, 1.0)), 0.0),
+                 mask=m_out)
+
+
+@triton.jit
+def _contrast_kernel(y_ptr, a_ptr, a_mask_ptr, a_norm_ptr, ce_ptr, lseg_ptr, yn_ptr, n_a, D, scale,
+                     BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_DK: tl.constexpr, DOT: tl.constexpr):
+    """CE_i = lse_j G_ij - G_ii, G_ij = (y_i . a_j) / (max(|y_i|, eps) tau_c) over valid rows j.
+
+    scale = log2(e) / tau_c. Writes CE (0 on masked rows), lse2 of G and |y| per row. Online
+    log-sum-exp over BLOCK_J tiles of the same side's rows. Grid (B, cdiv(n_a, BLOCK_A)).
+    """
+    i_b = tl.program_id(0).to(tl.int64)
+    o_i = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_ptr += i_b * n_a * D
+    y_ptr += i_b * n_a * D
+    m_i = _row_valid(a_mask_ptr + i_b * n_a, o_i, n_a)
+
+    b_ss = tl.zeros([BLOCK_A], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_DK):
+        b_r = _load_rows(y_ptr, o_i, m_i, k0 + tl.arange(0, BLOCK_DK), D, tl.float32)
+        b_ss += tl.sum(b_r * b_r, axis=1)
+    b_yn = tl.sqrt(b_ss)
+    b_ry = scale / tl.maximum(b_yn, _EPS)  # [BA]
+
+    b_m = tl.full([BLOCK_A], _NEG_BIG, dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_A], dtype=tl.float32)
+    b_diag = tl.zeros([BLOCK_A], dtype=tl.float32)
+    for j0 in range(0, n_a, BLOCK_J):
+        o_j = j0 + tl.arange(0, BLOCK_J)
+        m_j = _row_valid(a_mask_ptr + i_b * n_a, o_j, n_a)
+        b_ia = _inv_norm(a_norm_ptr + i_b * n_a, o_j, m_j)
+        b_g = _contract(y_ptr, o_i, m_i, a_ptr, o_j, m_j, D, BLOCK_A, BLOCK_J, BLOCK_DK, DOT)
+        b_g = b_g * b_ry[:, None] * b_ia[None, :]  # [BA, BJ], base-2 logits
+        b_diag += tl.sum(tl.where(o_i[:, None] == o_j[None, :], b_g, 0.0), axis=1)
+        b_g = tl.where(m_j[None, :], b_g, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_g, axis=1))
+        b_l = b_l * tl.exp2(b_m - b_m_new) + tl.sum(tl.exp2(b_g - b_m_new[:, None]), axis=1)
+        b_m = b_m_new
+    b_lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), 0.0)
+    m_out = o_i < n_a
+    ce_ptr += i_b * n_a
+    tl.store(ce_ptr + o_i, tl.where(m_i, (b_lse - b_diag) * _LN2, 0.0), mask=m_out)
+    tl.store(lseg_ptr + i_b * n_a + o_i, b_lse, mask=m_out)
+    tl.store(yn_ptr + i_b * n_a + o_i, b_yn, mask=m_out)
+
+
+@triton.jit
+def _finalize_kernel(ce_w_ptr, word_mask_ptr, ce_p_ptr, patch_mask_ptr, loss_ptr, coef_ptr, K, P,
+                     BLOCK: tl.constexpr):
+    """loss_b = (mean valid CE_text + mean valid CE_image) / 2, 0 without a valid word.
+
+    Also coef[b] = (1 / (2 K_b), 1 / (2 P_b)) where the sample has a word, else 0: dL_b / dCE.
+    Grid (B,).
+    """
+    i_b = tl.program_id(0).to(tl.int64)
+    b_nw = tl.zeros([BLOCK], dtype=tl.float32)
+    b_sw = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        o_k = k0 + tl.arange(0, BLOCK)
+        m_k = _row_valid(word_mask_ptr + i_b * K, o_k, K)
+        b_nw += m_k.to(tl.float32)
+        b_sw += tl.load(ce_w_ptr + i_b * K + o_k, mask=m_k, other=0.0)
+    b_np = tl.zeros([BLOCK], dtype=tl.float32)
+    b_sp = tl.zeros([BLOCK], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK):
+        o_p = p0 + tl.arange(0, BLOCK)
+        m_p = _row_valid(patch_mask_ptr + i_b * P, o_p, P)
+        b_np += m_p.to(tl.float32)
+        b_sp += tl.load(ce_p_ptr + i_b * P + o_p, mask=m_p, other=0.0)
+    n_w = tl.sum(b_nw, axis=0)
+    n_p = tl.sum(b_np, axis=0)
+    has_word = n_w > 0
+    coef_w = tl.where(has_word, 0.5 / tl.maximum(n_w, 1.0), 0.0)
+    coef_p = tl.where(has_word, 0.5 / tl.maximum(n_p, 1.0), 0.0)
+    tl.store(loss_ptr + i_b, coef_w * tl.sum(b_sw, axis=0) + coef_p * tl.sum(b_sp, axis=0))
+    tl.store(coef_ptr + 2 * i_b, coef_w)
+    tl.store(coef_ptr + 2 * i_b + 1, coef_p)
+
+
+@triton.jit
+def _contrast_backward_kernel(y_ptr, a_ptr, a_mask_ptr, a_norm_ptr, yn_ptr, lseg_ptr, grad_ptr, coef_ptr, side,
+                              dy_ptr, dd_ptr, n_a, D, scale, inv_tau,
+                              BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_DK: tl.constexpr,
+                              BLOCK_DV: tl.constexpr, DOT: tl.constexpr):
+    """dy_i (columns of this program's chunk) and D_i = dy_i . y_i of one side.
+
+    dG_ij = w (softmax_j(G_i) - delta_ij), dr_i = sum_j dG_ij a_j / tau_c, c_i = sum_j dG_ij G_ij,
+    dy_i = (dr_i - r_i c_i) / |y_i| (dr_i / eps when |y_i| <= eps), D_i = 0 (c_i when |y_i| <= eps).
+    w = grad[b] * coef[b, side]; scale = log2(e) / tau_c, inv_tau = 1 / tau_c.
+    Grid (B, cdiv(n_a, BLOCK_A), cdiv(D, BLOCK_DV)).
+    """
+    i_b = tl.program_id(0).to(tl.int64)
+    i_a, i_d = tl.program_id(1), tl.program_id(2)
+    a_ptr += i_b * n_a * D
+    y_ptr += i_b * n_a * D
+    o_i = i_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    o_v = i_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m_i = _row_valid(a_mask_ptr + i_b * n_a, o_i, n_a)
+    b_yn = tl.load(yn_ptr + i_b * n_a + o_i, mask=m_i, other=1.0)
+    b_ry = 1.0 / tl.maximum(b_yn, _EPS)
+    b_lse = tl.load(lseg_ptr + i_b * n_a + o_i, mask=m_i, other=0.0)
+    w = tl.load(grad_ptr + i_b) * tl.load(coef_ptr + 2 * i_b + side)
+
+    b_c = tl.zeros([BLOCK_A], dtype=tl.float32)
+    b_dr = tl.zeros([BLOCK_A, BLOCK_DV], dtype=tl.float32)
+    for j0 in range(0, n_a, BLOCK_J):
+        o_j = j0 + tl.arange(0, BLOCK_J)
+        m_j = _row_valid(a_mask_ptr + i_b * n_a, o_j, n_a)
+        b_ia = _inv_norm(a_norm_ptr + i_b * n_a, o_j, m_j)
+        b_g = _contract(y_ptr, o_i, m_i, a_ptr, o_j, m_j, D, BLOCK_A, BLOCK_J, BLOCK_DK, DOT)
+        b_g = b_g * (b_ry * scale)[:, None] * b_ia[None, :]  # [BA, BJ], base 2
+        m_ij = m_i[:, None] & m_j[None, :]
+        b_dg = tl.where(m_ij, tl.exp2(b_g - b_lse[:, None]), 0.0)
+        b_dg -= tl.where(m_ij & (o_i[:, None] == o_j[None, :]), 1.0, 0.0)
+        b_c += tl.sum(b_dg * b_g, axis=1)
+        b_a = _load_rows(a_ptr, o_j, m_j, o_v, D, DOT)  # [BJ, BDV]
+        b_dr = _dot((b_dg * b_ia[None, :]).to(DOT), b_a, b_dr)
+    b_dr *= w * inv_tau
+    b_c *= w * _LN2
+    b_r = _load_rows(y_ptr, o_i, m_i, o_v, D, tl.float32) * b_ry[:, None]
+    m_big = b_yn > _EPS
+    b_dy = tl.where(m_big[:, None], b_dr - b_r * b_c[:, None], b_dr) / tl.maximum(b_yn, _EPS)[:, None]
+    m_out = o_i < n_a
+    tl.store(dy_ptr + i_b * n_a * D + o_i[:, None] * D + o_v[None, :], b_dy.to(dy_ptr.dtype.element_ty),
+             mask=m_out[:, None] & (o_v[None, :] < D))
+    if i_d == 0:
+        tl.store(dd_ptr + i_b * n_a + o_i, tl.where(m_big, 0.0, b_c), mask=m_out)
+
+
+@triton.jit
+def _grad_rows_kernel(a_ptr, a_mask_ptr, a_norm_ptr, a_y_ptr, a_yn_ptr, a_lseg_ptr, a_lse_ptr, a_dy_ptr, a_dd_ptr,
+                      b_ptr, b_mask_ptr, b_norm_ptr, b_lse_ptr, b_dy_ptr, b_dd_ptr,
+                      grad_ptr, coef_ptr, side, out_ptr, n_a, n_b, D, normalize,
+                      scale_r, scale_c, inv_tau_r, inv_tau_c,
+                      BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      FUSE_NORM: tl.constexpr, DOT: tl.constexpr):
+    """Gradient of the loss with respect to the rows X_j of input `a`, for a block of rows j.
+
+    With a = calibrated rows of `a`, b = of `b`, and the other side's quantities marked ~:
+      da_j = sum_i dG_ij r_i / tau_c                          (contrast of a's side, over rows i)
+           + sum_p dS_jp b_p                                   (a's reconstruction, rows j)
+           + sum_p (A~_pj dy~_p + dS~_pj b_p)                  (b's reconstruction, columns j)
+    dS_jp = A_jp (dy_j . b_p - D_j) / tau_r, dS~_pj = A~_pj (dy~_p . a_j - D~_p) / tau_r; A and A~
+    come from one recomputed tile of S = a b^T with the saved log-sum-exps. With FUSE_NORM (one
+    program covers all of D) the calibration backward follows and `out` is the input gradient;
+    otherwise `out` is da in fp32 for `_normalize_backward_kernel`.
+    scale_r/c = log2(e) / tau_r/c. Grid (B, cdiv(n_a, BLOCK_A), cdiv(D, BLOCK_DV)).
+    """
+    i_b = tl.program_id(0).to(tl.int64)
+    i_a, i_d = tl.program_id(1), tl.program_id(2)
+    a_ptr += i_b * n_a * D
+    a_y_ptr += i_b * n_a * D
+    a_dy_ptr += i_b * n_a * D
+    b_ptr += i_b * n_b * D
+    b_dy_ptr += i_b * n_b * D
+    a_mask_ptr += i_b * n_a
+    b_mask_ptr += i_b * n_b
+    o_j = i_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    o_v = i_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m_j = _row_valid(a_mask_ptr, o_j, n_a)
+    b_ia = _inv_norm(a_norm_ptr + i_b * n_a, o_j, m_j)  # [BA]
+
+    # Contrast of a's side, gradient through its columns: dG^T tiles [BA (j), BB (i)].
+    b_da = tl.zeros([BLOCK_A, BLOCK_DV], dtype=tl.float32)
+    for i0 in range(0, n_a, BLOCK_B):
+        o_i = i0 + tl.arange(0, BLOCK_B)
+        m_i = _row_valid(a_mask_ptr, o_i, n_a)
+        b_ry = 1.0 / tl.maximum(tl.load(a_yn_ptr + i_b * n_a + o_i, mask=m_i, other=1.0), _EPS)
+        b_lse = tl.load(a_lseg_ptr + i_b * n_a + o_i, mask=m_i, other=0.0)
+        b_g = _contract(a_ptr, o_j, m_j, a_y_ptr, o_i, m_i, D, BLOCK_A, BLOCK_B, BLOCK_DK, DOT)
+        b_g = b_g * b_ia[:, None] * (b_ry * scale_c)[None, :]
+        m_ji = m_j[:, None] & m_i[None, :]
+        b_dg = tl.where(m_ji, tl.exp2(b_g - b_lse[None, :]), 0.0)
+        b_dg -= tl.where(m_ji & (o_j[:, None] == o_i[None, :]), 1.0, 0.0)
+        # r_i = y_i / |y_i| scaled in fp32 first: unit rows are safe in 16 bits, 1/|y| may not be.
+        b_r = (_load_rows(a_y_ptr, o_i, m_i, o_v, D, tl.float32) * b_ry[:, None]).to(DOT)  # [BB, BDV]
+        b_da = _dot(b_dg.to(DOT), b_r, b_da)
+    b_da *= tl.load(grad_ptr + i_b) * tl.load(coef_ptr + 2 * i_b + side) * inv_tau_c
+
+    # Both reconstructions through one tile of S: three contractions over D share the loads.
+    b_lse_a = tl.load(a_lse_ptr + i_b * n_a + o_j, mask=m_j, other=0.0)
+    b_dd_a = tl.load(a_dd_ptr + i_b * n_a + o_j, mask=m_j, other=0.0)
+    for p0 in range(0, n_b, BLOCK_B):
+        o_p = p0 + tl.arange(0, BLOCK_B)
+        m_p = _row_valid(b_mask_ptr, o_p, n_b)
+        b_ib = _inv_norm(b_norm_ptr + i_b * n_b, o_p, m_p)
+        b_lse_b = tl.load(b_lse_ptr + i_b * n_b + o_p, mask=m_p, other=0.0)
+        b_dd_b = tl.load(b_dd_ptr + i_b * n_b + o_p, mask=m_p, other=0.0)
+        b_s = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)  # X_j . X_p
+        b_dyb = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)  # dy_j . X_p
+        b_dya = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)  # X_j . dy~_p
+        for k0 in range(0, D, BLOCK_DK):
+            o_k = k0 + tl.arange(0, BLOCK_DK)
+            b_xa = _load_rows(a_ptr, o_j, m_j, o_k, D, DOT)
+            b_xb = tl.trans(_load_rows(b_ptr, o_p, m_p, o_k, D, DOT))
+            b_s = _dot(b_xa, b_xb, b_s)
+            b_dyb = _dot(_load_rows(a_dy_ptr, o_j, m_j, o_k, D, DOT), b_xb, b_dyb)
+            b_dya = _dot(b_xa, tl.trans(_load_rows(b_dy_ptr, o_p, m_p, o_k, D, DOT)), b_dya)
+        b_s = b_s * (b_ia * scale_r)[:, None] * b_ib[None, :]
+        m_jp = m_j[:, None] & m_p[None, :]
+        b_pa = tl.where(m_jp, tl.exp2(b_s - b_lse_a[:, None]), 0.0)  # A_jp, softmax over p
+        b_pb = tl.where(m_jp, tl.exp2(b_s - b_lse_b[None, :]), 0.0)  # A~_pj, softmax over j
+        b_ds = b_pa * (b_dyb * b_ib[None, :] - b_dd_a[:, None]) + b_pb * (b_dya * b_ia[:, None] - b_dd_b[None, :])
+        b_ds *= inv_tau_r
+        b_da = _dot((b_ds * b_ib[None, :]).to(DOT), _load_rows(b_ptr, o_p, m_p, o_v, D, DOT), b_da)
+        b_da = _dot(b_pb.to(DOT), _load_rows(b_dy_ptr, o_p, m_p, o_v, D, DOT), b_da)
+
+    m_out = (o_j < n_a)[:, None] & (o_v[None, :] < D)
+    o_out = i_b * n_a * D + o_j[:, None] * D + o_v[None, :]
+    if FUSE_NORM:
+        b_x = _load_rows(a_ptr, o_j, m_j, o_v, D, tl.float32) * b_ia[:, None]
+        if normalize:
+            m_big = tl.load(a_norm_ptr + i_b * n_a + o_j, mask=m_j, other=0.0) > _EPS
+            b_proj = tl.sum(b_x * b_da, axis=1)
+            b_da = tl.where(m_big[:, None], b_da - b_x * b_proj[:, None], b_da) * b_ia[:, None]
+        tl.store(out_ptr + o_out, tl.where(m_j[:, None], b_da, 0.0).to(out_ptr.dtype.element_ty), mask=m_out)
+    else:
+        tl.store(out_ptr + o_out, b_da, mask=m_out)
+
+
+@triton.jit
+def _normalize_backward_kernel(x_ptr, mask_ptr, norm_ptr, da_ptr, out_ptr, n, D, normalize,
+                               BLOCK_R: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """dX = (da - a (a . da)) / |X| (da / eps when |X| <= eps; da when not normalising), 0 masked.
+
+    da is the fp32 gradient with respect to the calibrated rows a. Grid (B, cdiv(n, BLOCK_R)).
+    """
+    i_b = tl.program_id(0).to(tl.int64)
+    o_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = _row_valid(mask_ptr + i_b * n, o_r, n)
+    b_ia = _inv_norm(norm_ptr + i_b * n, o_r, m_r)
+    m_big = tl.load(norm_ptr + i_b * n + o_r, mask=m_r, other=0.0) > _EPS
+    x_ptr += i_b * n * D
+    da_ptr += i_b * n * D
+    out_ptr += i_b * n * D
+    b_proj = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if normalize:
+        for k0 in range(0, D, BLOCK_DK):
+            o_k = k0 + tl.arange(0, BLOCK_DK)
+            b_x = _load_rows(x_ptr, o_r, m_r, o_k, D, tl.float32)
+            b_proj += tl.sum(b_x * _load_rows(da_ptr, o_r, m_r, o_k, D, tl.float32), axis=1)
+        b_proj = tl.where(m_big, b_proj * b_ia * b_ia, 0.0)  # (a . da) / |X|, a = X / |X|
+    for k0 in range(0, D, BLOCK_DK):
+        o_k = k0 + tl.arange(0, BLOCK_DK)
+        b_x = _load_rows(x_ptr, o_r, m_r, o_k, D, tl.float32)
+        b_da = _load_rows(da_ptr, o_r, m_r, o_k, D, tl.float32)
+        b_dx = (b_da - b_x * b_proj[:, None]) * b_ia[:, None]
+        tl.store(out_ptr + o_r[:, None] * D + o_k[None, :], b_dx.to(out_ptr.dtype.element_ty),
+                 mask=(o_r < n)[:, None] & (o_k[None, :] < D))
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: block sizes, launches
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """Block sizes of one launch plan.
+
+    block_a: rows per program; block_b: streamed tile (columns, or rows of the same side);
+    block_dk: chunk of a contraction over d; block_dv: chunk of an output row of width d per
+    program (covering d avoids recomputing tiles per chunk and fuses the calibration backward);
+    block_r: rows per program of the row-wise kernels (norms, finalize, calibration backward).
+    """
+
+    block_a: int
+    block_b: int
+    block_dk: int
+    block_dv: int
+    block_r: int
+    num_warps: int
+    num_stages: int
+
+
+def _pow2(n: int, low: int = 16) -> int:
+    return max(low, triton.next_power_of_2(n))
+
+
+def gpu_config(d: int, dtype: torch.dtype) -> Config:
+    """Block sizes the host launches on a GPU for width d and input dtype (listed by the AOT check).
+
+    64 x 64 tiles with d contracted in chunks of 64; an output chunk covers d up to 128 (one
+    program per row block), wider rows are split into 128-wide chunks. fp32 runs IEEE dots on the
+    FMA units, whose operands live in registers: half the tiles keep it from spilling.
+    """
+    if dtype == torch.float32:
+        return Config(block_a=32, block_b=32, block_dk=32, block_dv=min(_pow2(d), 64), block_r=32,
+                      num_warps=4, num_stages=1)
+    return Config(block_a=64, block_b=64, block_dk=64, block_dv=min(_pow2(d), 128), block_r=32,
+                  num_warps=8 if d > 64 else 4, num_stages=2)
+
+
+def interpreter_config(d: int) -> Config:
+    """Small tiles for the Triton interpreter, whose cost is per operation, not per element."""
+    return Config(block_a=16, block_b=16, block_dk=16, block_dv=min(_pow2(d), 32), block_r=16,
+                  num_warps=1, num_stages=1)
+
+
+def default_config(d: int, dtype: torch.dtype) -> Config:
+    return interpreter_config(d) if _INTERPRETED else gpu_config(d, dtype)
+
+
+def _dot_dtypes(dtype: torch.dtype) -> Tuple[torch.dtype, tl.dtype]:
+    """Dtype of the dot operands and of the y / dy temporaries: the input's, except fp32 for bf16
+    in the interpreter (whose bf16 arithmetic is wrong)."""
+    if dtype == torch.bfloat16 and not _INTERPRETED:
+        return torch.bfloat16, tl.bfloat16
+    if dtype == torch.float16:
+        return torch.float16, tl.float16
+    return torch.float32, tl.float32
+
+
+def _launch_opts(cfg: Config) -> Dict[str, int]:
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _row_norms(x: Tensor, mask: Tensor, out: Tensor, normalize: bool, cfg: Config) -> None:
+    B, n, D = x.shape
+    _row_norm_kernel[(B, triton.cdiv(n, cfg.block_r))](x, mask, out, n, D, int(normalize),
+                                                        BLOCK_R=cfg.block_r, BLOCK_DK=cfg.block_dk)
+
+
+def _recon(a, a_mask, a_norm, b, b_mask, b_norm, lse_out, recon_temperature, cfg) -> Tensor:
+    """y = softmax(S / tau_r) b for the rows of `a` (B, n_a, D) in the dot dtype; lse into lse_out."""
+    B, n_a, D = a.shape
+    n_b = b.shape[1]
+    scratch_dtype, dot = _dot_dtypes(a.dtype)
+    y = a.new_empty((B, n_a, D), dtype=scratch_dtype)
+    grid = (B, triton.cdiv(n_a, cfg.block_a), triton.cdiv(D, cfg.block_dv))
+    _recon_kernel[grid](a, a_mask, a_norm, b, b_mask, b_norm, y, lse_out, n_a, n_b, D, LOG2E / recon_temperature,
+                        BLOCK_A=cfg.block_a, BLOCK_B=cfg.block_b, BLOCK_DK=cfg.block_dk, BLOCK_DV=cfg.block_dv,
+                        DOT=dot, **_launch_opts(cfg))
+    return y
+
+
+def _forward_side(a, a_mask, a_stats, b, b_mask, b_norm, recon_temperature, contrast_temperature, cfg) -> Tensor:
+    """CE per row of side `a` (B, n_a) fp32; fills a_stats[1:] with lse(S), |y| and lse(G)."""
+    B, n_a, D = a.shape
+    y = _recon(a, a_mask, a_stats[0], b, b_mask, b_norm, a_stats[1], recon_temperature, cfg)
+    ce = a.new_empty((B, n_a), dtype=torch.float32)
+    _contrast_kernel[(B, triton.cdiv(n_a, cfg.block_a))](
+        y, a, a_mask, a_stats[0], ce, a_stats[3], a_stats[2], n_a, D, LOG2E / contrast_temperature,
+        BLOCK_A=cfg.block_a, BLOCK_J=cfg.block_b, BLOCK_DK=cfg.block_dk, DOT=_dot_dtypes(a.dtype)[1],
+        **_launch_opts(cfg))
+    return ce
+
+
+def wpr_forward(words: Tensor, word_mask: Tensor, patches: Tensor, patch_mask: Tensor, recon_temperature: float,
+                contrast_temperature: float, normalize_inputs: bool,
+                config: Optional[Config] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample loss (B,) fp32 and the statistics backward needs.
+
+    Returns (loss, word_stats (4, B, K), patch_stats (4, B, P), coef (B, 2)); the stats planes
+    are |X|, base-2 lse of S / tau_r, |y| and base-2 lse of G per row; coef holds dL_b / dCE of a
+    row of each side.
+    """
+    words, patches = words.contiguous(), patches.contiguous()
+    word_mask, patch_mask = word_mask.contiguous(), patch_mask.contiguous()
+    B, K, D = words.shape
+    P = patches.shape[1]
+    cfg = config or default_config(D, words.dtype)
+    word_stats = words.new_empty((4, B, K), dtype=torch.float32)
+    patch_stats = words.new_empty((4, B, P), dtype=torch.float32)
+    _row_norms(words, word_mask, word_stats[0], normalize_inputs, cfg)
+    _row_norms(patches, patch_mask, patch_stats[0], normalize_inputs, cfg)
+    temperatures = (recon_temperature, contrast_temperature)
+    ce_words = _forward_side(words, word_mask, word_stats, patches, patch_mask, patch_stats[0], *temperatures, cfg)
+    ce_patches = _forward_side(patches, patch_mask, patch_stats, words, word_mask, word_stats[0], *temperatures, cfg)
+    loss = words.new_empty((B,), dtype=torch.float32)
+    coef = words.new_empty((B, 2), dtype=torch.float32)
+    _finalize_kernel[(B,)](ce_words, word_mask, ce_patches, patch_mask, loss, coef, K, P, BLOCK=cfg.block_r * 4)
+    return loss, word_stats, patch_stats, coef
+
+
+def _contrast_backward(y, a, a_mask, a_stats, grad, coef, side, contrast_temperature, cfg) -> Tuple[Tensor, Tensor]:
+    """dy (B, n_a, D) in the dot dtype and D_i = dy_i . y_i (B, n_a) fp32 of one side."""
+    B, n_a, D = a.shape
+    dy = torch.empty_like(y)
+    dd = a.new_empty((B, n_a), dtype=torch.float32)
+    grid = (B, triton.cdiv(n_a, cfg.block_a), triton.cdiv(D, cfg.block_dv))
+    _contrast_backward_kernel[grid](
+        y, a, a_mask, a_stats[0], a_stats[2], a_stats[3], grad, coef, side, dy, dd, n_a, D,
+        LOG2E / contrast_temperature, 1.0 / contrast_temperature,
+        BLOCK_A=cfg.block_a, BLOCK_J=cfg.block_b, BLOCK_DK=cfg.block_dk, BLOCK_DV=cfg.block_dv,
+        DOT=_dot_dtypes(a.dtype)[1], **_launch_opts(cfg))
+    return dy, dd
+
+
+def _grad_rows(a_side, b_side, grad, coef, side, normalize, recon_temperature, contrast_temperature, cfg) -> Tensor:
+    """Gradient (B, n_a, D) in a's dtype of the loss with respect to input `a`."""
+    a, a_mask, a_stats, y_a, dy_a, dd_a = a_side
+    b, b_mask, b_stats, dy_b, dd_b = b_side
+    B, n_a, D = a.shape
+    fuse = cfg.block_dv >= D
+    grad_a = torch.empty_like(a)
+    out = grad_a if fuse else a.new_empty((B, n_a, D), dtype=torch.float32)
+    grid = (B, triton.cdiv(n_a, cfg.block_a), triton.cdiv(D, cfg.block_dv))
+    _grad_rows_kernel[grid](
+        a, a_mask, a_stats[0], y_a, a_stats[2], a_stats[3], a_stats[1], dy_a, dd_a,
+        b, b_mask, b_stats[0], b_stats[1], dy_b, dd_b,
+        grad, coef, side, out, n_a, b.shape[1], D, int(normalize),
+        LOG2E / recon_temperature, LOG2E / contrast_temperature, 1.0 / recon_temperature, 1.0 / contrast_temperature,
+        BLOCK_A=cfg.block_a, BLOCK_B=cfg.block_b, BLOCK_DK=cfg.block_dk, BLOCK_DV=cfg.block_dv,
+        FUSE_NORM=fuse, DOT=_dot_dtypes(a.dtype)[1], **_launch_opts(cfg))
+    if not fuse:
+        _normalize_backward_kernel[(B, triton.cdiv(n_a, cfg.block_r))](
+            a, a_mask, a_stats[0], out, grad_a, n_a, D, int(normalize), BLOCK_R=cfg.block_r, BLOCK_DK=cfg.block_dk)
+    return grad_a
+
+
+def wpr_backward(grad_loss: Tensor, words: Tensor, word_mask: Tensor, patches: Tensor, patch_mask: Tensor,
+                 word_stats: Tensor, patch_stats: Tensor, coef: Tensor, recon_temperature: float,
+                 contrast_temperature: float, normalize_inputs: bool,
+                 config: Optional[Config] = None) -> Tuple[Tensor, Tensor]:
+    """Gradients of sum_b grad_loss[b] * loss[b] for words and patches, from the saved statistics."""
+    words, patches = words.contiguous(), patches.contiguous()
+    word_mask, patch_mask = word_mask.contiguous(), patch_mask.contiguous()
+    grad = grad_loss.contiguous().to(torch.float32)
+    cfg = config or default_config(words.shape[2], words.dtype)
+    # y is recomputed with the forward's kernel and blocks, so it matches the saved |y| and lse(G)
+    # bit for bit; its lse output is the same as the saved one and goes to a throwaway buffer.
+    y_w = _recon(words, word_mask, word_stats[0], patches, patch_mask, patch_stats[0],
+                 torch.empty_like(word_stats[1]), recon_temperature, cfg)
+    y_p = _recon(patches, patch_mask, patch_stats[0], words, word_mask, word_stats[0],
+                 torch.empty_like(patch_stats[1]), recon_temperature, cfg)
+    dy_w, dd_w = _contrast_backward(y_w, words, word_mask, word_stats, grad, coef, 0, contrast_temperature, cfg)
+    dy_p, dd_p = _contrast_backward(y_p, patches, patch_mask, patch_stats, grad, coef, 1, contrast_temperature, cfg)
+    words_side = (words, word_mask, word_stats, y_w, dy_w, dd_w)
+    patches_side = (patches, patch_mask, patch_stats, y_p, dy_p, dd_p)
+    options = (normalize_inputs, recon_temperature, contrast_temperature, cfg)
+    grad_words = _grad_rows(words_side, (patches, patch_mask, patch_stats, dy_p, dd_p), grad, coef, 0, *options)
+    grad_patches = _grad_rows(patches_side, (words, word_mask, word_stats, dy_w, dd_w), grad, coef, 1, *options)
+    return grad_words, grad_patches
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration: one opaque node per direction for torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mulclip::word_patch_reconstruction_triton_forward", mutates_args=())
+def word_patch_reconstruction_forward(words: Tensor, word_mask: Tensor, patches: Tensor, patch_mask: Tensor,
+                                      recon_temperature: float, contrast_temperature: float,
+                                      normalize_inputs: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample loss (B,) and the O(B(K+P)) statistics that backward reads (see `wpr_forward`)."""
+    return wpr_forward(words, word_mask, patches, patch_mask, recon_temperature, contrast_temperature,
+                       normalize_inputs)
+
+
+@word_patch_reconstruction_forward.register_fake
+def _(words, word_mask, patches, patch_mask, recon_temperature, contrast_temperature, normalize_inputs):
+    B, K, _ = words.shape
+    P = patches.shape[1]
+    stats = dict(dtype=torch.float32)
+    return (words.new_empty((B,), **stats), words.new_empty((4, B, K), **stats),
+            words.new_empty((4, B, P), **stats), words.new_empty((B, 2), **stats))
+
+
+@torch.library.custom_op("mulclip::word_patch_reconstruction_triton_backward", mutates_args=())
+def word_patch_reconstruction_backward(grad_loss: Tensor, words: Tensor, word_mask: Tensor, patches: Tensor,
+                                       patch_mask: Tensor, word_stats: Tensor, patch_stats: Tensor, coef: Tensor,
+                                       recon_temperature: float, contrast_temperature: float,
+                                       normalize_inputs: bool) -> Tuple[Tensor, Tensor]:
+    """Gradients for words and patches of sum(grad_loss * loss), recomputing from the statistics."""
+    return wpr_backward(grad_loss, words, word_mask, patches, patch_mask, word_stats, patch_stats, coef,
+                        recon_temperature, contrast_temperature, normalize_inputs)
+
+
+@word_patch_reconstruction_backward.register_fake
+def _(grad_loss, words, word_mask, patches, patch_mask, word_stats, patch_stats, coef, recon_temperature,
+      contrast_temperature, normalize_inputs):
+    return torch.empty_like(words), torch.empty_like(patches)
+
+
+def _setup_context(ctx, inputs, output):
+    words, word_mask, patches, patch_mask, *options = inputs
+    _, word_stats, patch_stats, coef = output
+    ctx.mark_non_differentiable(word_stats, patch_stats, coef)
+    ctx.save_for_backward(words, word_mask, patches, patch_mask, word_stats, patch_stats, coef)
+    ctx.options = options
+
+
+def _backward(ctx, grad_loss, *_stats_grads):
+    grad_words, grad_patches = word_patch_reconstruction_backward(grad_loss.contiguous(), *ctx.saved_tensors,
+                                                                  *ctx.options)
+    return grad_words, None, grad_patches, None, None, None, None
+
+
+word_patch_reconstruction_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def is_available(device: torch.device) -> Tuple[bool, str]:
+    """(ok, reason): CUDA tensors with compiled Triton, or CPU tensors under the Triton interpreter.
+
+    Whether the kernels are interpreted is fixed when this module is imported (`@triton.jit`
+    reads TRITON_INTERPRET then), so the environment variable must have been "1" at import.
+    """
+    if device.type == "cuda":
+        if _INTERPRETED:
+            return False, "TRITON_INTERPRET=1 was set when the kernels were imported: they run on CPU tensors only"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is available"
+        return True, ""
+    if device.type == "cpu":
+        if _INTERPRETED:
+            return True, ""
+        return False, "the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+    return False, f"the triton backend runs on CUDA tensors, got device {device}"
+
+
+def word_patch_reconstruction(words, word_mask, patches, patch_mask, recon_temperature, contrast_temperature,
+                              normalize_inputs):
+    """Per-sample WPR loss (B,); same contract as `reference.word_patch_reconstruction`.
+
+    Float64 inputs run the "torch" backend: the kernels accumulate in fp32.
+    """
+    if words.dtype == torch.float64:
+        return torch_word_patch.word_patch_reconstruction(words, word_mask, patches, patch_mask, recon_temperature,
+                                                          contrast_temperature, normalize_inputs)
+    return word_patch_reconstruction_forward(words, word_mask, patches, patch_mask, recon_temperature,
+                                             contrast_temperature, normalize_inputs)[0]
