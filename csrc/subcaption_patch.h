@@ -93,8 +93,13 @@ SAP_HD void topk_push(A* val, int* idx, int& count, int k, A value, int index) {
 template <typename A>
 SAP_HD int select_topk(const A* sigma, const bool* mask, int num_patches, int k, A* val, int* idx) {
   int count = 0;
+  A kth = A(0);  // val[k - 1] once k are kept: most candidates stop at this one comparison
   for (int p = 0; p < num_patches; ++p) {
-    if (mask[p]) topk_push(val, idx, count, k, sigma[p], p);
+    if (!mask[p]) continue;
+    const A value = sigma[p];
+    if (count == k && !(value > kth)) continue;
+    topk_push(val, idx, count, k, value, p);
+    if (count == k) kth = val[k - 1];
   }
   for (int j = count; j < k; ++j) {
     val[j] = A(0);

@@ -22,6 +22,7 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "subcaption_patch.h"
@@ -33,17 +34,110 @@ using at::Tensor;
 
 // Elements of one similarity tile (rows x patches); 256 KiB in float32 stays in L2.
 constexpr int64_t kTileElements = 1 << 16;
+// Multiply-adds below which a parallel loop stays on one thread: waking OpenMP threads costs
+// more than small work, and far more when the cores are shared.
+constexpr int64_t kGrainWork = 1 << 18;
 
+int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_item));
+}
+
+// The simd pragma lets the compiler split the sum into vector lanes (a fixed order for a given
+// d); without it a float reduction stays scalar and latency-bound.
 template <typename A>
 A dot(const A* a, const A* b, int64_t d) {
   A total = A(0);
+#pragma omp simd reduction(+ : total)
   for (int64_t i = 0; i < d; ++i) total += a[i] * b[i];
   return total;
 }
 
+// out[j] = x . rows[idx[j]] for the chosen rows, four at a time: four independent accumulator
+// chains and one load of x for four rows.
 template <typename A>
-void axpy(A alpha, const A* x, A* y, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) y[i] += alpha * x[i];
+void dot_rows(const A* x, const A* rows, const int* idx, int count, int64_t d, A* out) {
+  int j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const A *r0 = rows + idx[j] * d, *r1 = rows + idx[j + 1] * d, *r2 = rows + idx[j + 2] * d,
+            *r3 = rows + idx[j + 3] * d;
+    A a0 = A(0), a1 = A(0), a2 = A(0), a3 = A(0);
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t i = 0; i < d; ++i) {
+      a0 += x[i] * r0[i];
+      a1 += x[i] * r1[i];
+      a2 += x[i] * r2[i];
+      a3 += x[i] * r3[i];
+    }
+    out[j] = a0;
+    out[j + 1] = a1;
+    out[j + 2] = a2;
+    out[j + 3] = a3;
+  }
+  for (; j < count; ++j) out[j] = dot(x, rows + idx[j] * d, d);
+}
+
+// out (+)= sum_j c[j] rows[idx[j]], a block of columns at a time so that the running sums stay
+// in vector registers across the chosen rows instead of going through memory once per row.
+// Each element still sums its terms in the order of j. GCC/Clang vector types (32 bytes: one
+// AVX register, two SSE ones) make the block explicit; compilers left to vectorise the plain
+// loop interchanged it into scalar code.
+#if defined(__GNUC__)
+template <typename A>
+struct Lanes {
+  typedef A type __attribute__((vector_size(32)));
+  static constexpr int64_t kWidth = 32 / sizeof(A);
+  static type load(const A* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(A* p, type v) { std::memcpy(p, &v, sizeof(v)); }
+};
+
+template <typename A, bool kAccumulate>
+void combine_rows(const A* rows, const int* idx, const A* c, int count, int64_t d, A* out) {
+  using L = Lanes<A>;
+  using V = typename L::type;
+  constexpr int kRegs = 8;
+  constexpr int64_t kBlock = kRegs * L::kWidth;
+  int64_t i0 = 0;
+  for (; i0 + kBlock <= d; i0 += kBlock) {
+    V acc[kRegs];
+    for (int r = 0; r < kRegs; ++r) acc[r] = kAccumulate ? L::load(out + i0 + r * L::kWidth) : V{};
+    for (int j = 0; j < count; ++j) {
+      const A* row = rows + idx[j] * d + i0;
+      const V cj = V{} + c[j];
+      for (int r = 0; r < kRegs; ++r) acc[r] += cj * L::load(row + r * L::kWidth);
+    }
+    for (int r = 0; r < kRegs; ++r) L::store(out + i0 + r * L::kWidth, acc[r]);
+  }
+  for (; i0 + L::kWidth <= d; i0 += L::kWidth) {
+    V acc = kAccumulate ? L::load(out + i0) : V{};
+    for (int j = 0; j < count; ++j) acc += (V{} + c[j]) * L::load(rows + idx[j] * d + i0);
+    L::store(out + i0, acc);
+  }
+  for (; i0 < d; ++i0) {
+    A acc = kAccumulate ? out[i0] : A(0);
+    for (int j = 0; j < count; ++j) acc += c[j] * rows[idx[j] * d + i0];
+    out[i0] = acc;
+  }
+}
+#else
+template <typename A, bool kAccumulate>
+void combine_rows(const A* rows, const int* idx, const A* c, int count, int64_t d, A* out) {
+  for (int64_t i = 0; i < d; ++i) {
+    A acc = kAccumulate ? out[i] : A(0);
+    for (int j = 0; j < count; ++j) acc += c[j] * rows[idx[j] * d + i];
+    out[i] = acc;
+  }
+}
+#endif
+
+// y += a x + b z
+template <typename A>
+void axpy2(A a, const A* x, A b, const A* z, A* y, int64_t d) {
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) y[i] += a * x[i] + b * z[i];
 }
 
 // Calibrated rows in the accumulation dtype (masked rows zero) and the norms of the raw rows.
@@ -56,7 +150,7 @@ void calibrate(const Tensor& x, const bool* mask, bool normalize, Tensor& out, T
   const T* src = x.data_ptr<T>();
   A* dst = out.data_ptr<A>();
   A* norm = norms.data_ptr<A>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       A* y = dst + row * d;
       if (mask != nullptr && !mask[row]) {
@@ -65,11 +159,8 @@ void calibrate(const Tensor& x, const bool* mask, bool normalize, Tensor& out, T
         continue;
       }
       const T* x_row = src + row * d;
-      A sumsq = A(0);
-      for (int64_t i = 0; i < d; ++i) {
-        y[i] = static_cast<A>(x_row[i]);
-        sumsq += y[i] * y[i];
-      }
+      for (int64_t i = 0; i < d; ++i) y[i] = static_cast<A>(x_row[i]);
+      const A sumsq = dot(y, y, d);
       norm[row] = sap_sqrt(sumsq);
       const A scale = calibration_scale(sumsq, normalize);
       for (int64_t i = 0; i < d; ++i) y[i] *= scale;
@@ -110,7 +201,7 @@ std::vector<Tensor> align_forward_impl(const Tensor& sub, const Tensor& patches,
   A* sig_out = sigma.data_ptr<A>();
   const A temperature = static_cast<A>(tau);
 
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, grain(M * P * d), [&](int64_t begin, int64_t end) {
     std::vector<A> w(k), r(d);
     for (int64_t b = begin; b < end; ++b) {
       const Tensor tile = at::mm(u[b], v[b].t()).contiguous();  // (M, P)
@@ -127,8 +218,7 @@ std::vector<Tensor> align_forward_impl(const Tensor& sub, const Tensor& patches,
           select_topk(sim, pm, 0, static_cast<int>(k), val, idx);  // no patch: every slot free
         }
         softmax_chosen(val, count, temperature, w.data());
-        std::fill(r.begin(), r.end(), A(0));
-        for (int j = 0; j < count; ++j) axpy(w[j], vb + idx[j] * d, r.data(), d);
+        combine_rows<A, false>(vb, idx, w.data(), count, d, r.data());
         for (int64_t i = 0; i < d; ++i) out[row * d + i] = static_cast<T>(r[i]);
       }
     }
@@ -158,7 +248,7 @@ std::vector<Tensor> align_backward_impl(const Tensor& grad, const Tensor& sub, c
   T* gp = grad_patches.data_ptr<T>();
   const A temperature = static_cast<A>(tau);
 
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, grain(4 * M * k * d + P * d), [&](int64_t begin, int64_t end) {
     std::vector<A> w(k), dw(k), ds(k), g(d), du(d), dv(P * d);
     for (int64_t b = begin; b < end; ++b) {
       std::fill(dv.begin(), dv.end(), A(0));
@@ -175,16 +265,10 @@ std::vector<Tensor> align_backward_impl(const Tensor& grad, const Tensor& sub, c
         const A* u_row = u_data + row * d;
         for (int64_t i = 0; i < d; ++i) g[i] = static_cast<A>(g_all[row * d + i]);
         softmax_chosen(sig + row * k, count, temperature, w.data());
-        for (int j = 0; j < count; ++j) dw[j] = dot(g.data(), vb + idx[j] * d, d);
+        dot_rows(g.data(), vb, idx, count, d, dw.data());
         softmax_chosen_backward(w.data(), dw.data(), count, temperature, ds.data());
-        std::fill(du.begin(), du.end(), A(0));
-        for (int j = 0; j < count; ++j) {
-          const A* vj = vb + idx[j] * d;
-          A* dvj = dv.data() + idx[j] * d;
-          axpy(ds[j], vj, du.data(), d);
-          axpy(w[j], g.data(), dvj, d);
-          axpy(ds[j], u_row, dvj, d);
-        }
+        combine_rows<A, false>(vb, idx, ds.data(), count, d, du.data());
+        for (int j = 0; j < count; ++j) axpy2(w[j], g.data(), ds[j], u_row, dv.data() + idx[j] * d, d);
         write_calibration_grad(du.data(), u_row, un[row], d, normalize, gs_row);
       }
       for (int64_t p = 0; p < P; ++p) {
@@ -228,7 +312,7 @@ std::vector<Tensor> scores_forward_impl(const Tensor& sub, const Tensor& patches
 
   const int64_t tile_rows = std::min<int64_t>(N, std::max<int64_t>(1, kTileElements / P));
   const int64_t tiles = (N + tile_rows - 1) / tile_rows;
-  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * tiles, grain(tile_rows * P * d), [&](int64_t begin, int64_t end) {
     std::vector<A> w(k), r(d);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles, n0 = (task % tiles) * tile_rows, rows = std::min(tile_rows, N - n0);
@@ -242,9 +326,9 @@ std::vector<Tensor> scores_forward_impl(const Tensor& sub, const Tensor& patches
         const int count = select_topk(sim + (n - n0) * P, pm + b * P, static_cast<int>(P), static_cast<int>(k),
                                       val, idx);
         softmax_chosen(val, count, temperature, w.data());
-        std::fill(r.begin(), r.end(), A(0));
-        for (int j = 0; j < count; ++j) axpy(w[j], vb + idx[j] * d, r.data(), d);
-        for (int j = 0; j < k; ++j) rho_out[row * k + j] = j < count ? dot(r.data(), vb + idx[j] * d, d) : A(0);
+        combine_rows<A, false>(vb, idx, w.data(), count, d, r.data());
+        dot_rows(r.data(), vb, idx, count, d, rho_out + row * k);
+        std::fill(rho_out + row * k + count, rho_out + (row + 1) * k, A(0));
         out[row] = static_cast<T>(cross_score(dot(u_data + n * d, r.data(), d), dot(r.data(), r.data(), d)));
       }
     }
@@ -288,7 +372,7 @@ std::vector<Tensor> scores_backward_impl(const Tensor& grad, const Tensor& sub, 
   };
 
   // dL/du: one task per subcaption, over every image.
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, grain(B * k * d), [&](int64_t begin, int64_t end) {
     Row s(k);
     std::vector<A> du(d);
     for (int64_t n = begin; n < end; ++n) {
@@ -299,14 +383,14 @@ std::vector<Tensor> scores_backward_impl(const Tensor& grad, const Tensor& sub, 
         A divisor;
         coefficients(n, b, s, count, divisor);
         const int* idx = idx_all + (n * B + b) * k;
-        for (int j = 0; j < count; ++j) axpy(s.alpha[j], v_data + (b * P + idx[j]) * d, du.data(), d);
+        combine_rows<A, true>(v_data + b * P * d, idx, s.alpha.data(), count, d, du.data());
       }
       write_calibration_grad(du.data(), u_data + n * d, un[n], d, normalize, gs + n * d);
     }
   });
 
   // dL/dv: one task per image, over every subcaption.
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, grain(3 * N * k * d + P * d), [&](int64_t begin, int64_t end) {
     Row s(k);
     std::vector<A> y(d), dv(P * d);
     for (int64_t b = begin; b < end; ++b) {
@@ -318,14 +402,10 @@ std::vector<Tensor> scores_backward_impl(const Tensor& grad, const Tensor& sub, 
         A divisor;
         coefficients(n, b, s, count, divisor);
         const int* idx = idx_all + (n * B + b) * k;
-        std::fill(y.begin(), y.end(), A(0));
-        for (int j = 0; j < count; ++j) axpy(s.w[j] / divisor, vb + idx[j] * d, y.data(), d);
+        for (int j = 0; j < count; ++j) s.scratch[j] = s.w[j] / divisor;
+        combine_rows<A, false>(vb, idx, s.scratch.data(), count, d, y.data());  // y = r / D
         const A* u_row = u_data + n * d;
-        for (int j = 0; j < count; ++j) {
-          A* dvj = dv.data() + idx[j] * d;
-          axpy(s.alpha[j], u_row, dvj, d);
-          axpy(-s.beta[j], y.data(), dvj, d);
-        }
+        for (int j = 0; j < count; ++j) axpy2(s.alpha[j], u_row, -s.beta[j], y.data(), dv.data() + idx[j] * d, d);
       }
       for (int64_t p = 0; p < P; ++p) {
         T* gp_row = gp + (b * P + p) * d;

@@ -15,6 +15,7 @@ Nothing builds at import. `is_available(device)` answers from cheap checks (comp
 nvcc, a GPU, an earlier failed build) and is safe to call under torch.compile.
 """
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -68,9 +69,12 @@ def find_cuda_home() -> Optional[str]:
     return None
 
 
+# Looked up once at import (cheap), so that is_available() only reads these and torch.compile
+# can trace it.
 _CXX = _find_cxx()
 _NINJA = _find_ninja()
 _CUDA_HOME = find_cuda_home()
+_HAVE_SOURCES = CSRC.is_dir()
 
 
 def cache_root() -> Path:
@@ -84,7 +88,7 @@ def cache_root() -> Path:
 def _toolchain_problem(kind: str) -> Optional[str]:
     if kind in _ERRORS:
         return _ERRORS[kind]
-    if not CSRC.is_dir():
+    if not _HAVE_SOURCES:
         return f"the C++ sources are missing: {CSRC} does not exist (install from a source checkout)"
     if _CXX is None:
         return "no C++ compiler found: install g++ (or clang++) or set CXX"
@@ -189,7 +193,15 @@ def _build(kind: str, sources: Sequence[str], cflags: List[str], ldflags: List[s
     if _CUDA_HOME and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
         # cpp_extension picks its toolkit root when first imported (and warns when it guesses).
         os.environ["CUDA_HOME"] = _CUDA_HOME
-    from torch.utils import cpp_extension
+    # Without a GPU, cpp_extension warns on import that it found no CUDA runtime; a CPU build
+    # does not care, and a CUDA build here is a compile check.
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
 
     problem = _toolchain_problem(kind)
     if problem:
