@@ -30,12 +30,15 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def atomic_copy(src: str, dst: str) -> None:
-    """Copy a file to `dst` through a temporary file and os.replace."""
+    """Make `dst` a copy of `src` through a temporary name and os.replace (a hard link where possible)."""
     import shutil
 
     tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
     try:
-        shutil.copyfile(src, tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):

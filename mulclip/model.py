@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import open_clip
-from open_clip.factory import load_state_dict as _load_open_clip_state_dict
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from open_clip.factory import load_state_dict as _load_open_clip_state_dict
 from open_clip.transformer import VisionTransformer
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"

@@ -14,7 +14,7 @@ from .loss import LossConfig
 
 KERNEL_OPS = ("word_patch_reconstruction", "subcaption_patch_align", "subcaption_patch_scores")
 OPS_CHOICES = ("auto", "reference", "torch", "triton", "cuda", "cpp")
-DEFAULT_TRAIN_SAMPLES = 6144
+DEFAULT_TRAIN_SAMPLES = 4096
 DEFAULT_VAL_SAMPLES = 512
 
 

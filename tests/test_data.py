@@ -1,6 +1,5 @@
 """Data: sentence splitting, the synthetic scenes, batching, samplers, shards and bad data."""
 import io
-import json
 import re
 import tarfile
 
