@@ -109,9 +109,12 @@ class Run:
         self.is_master = is_master
         self.writer = None
         if is_master and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(os.path.join(self.dir, "tensorboard"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional: metrics.jsonl has the same scalars
+                logging.warning("tensorboard is not installed: no TensorBoard scalars (pip install tensorboard)")
+            else:
+                self.writer = SummaryWriter(os.path.join(self.dir, "tensorboard"))
 
     def truncate_metrics(self, step: int) -> None:
         """Drop metric records at or after `step` (written by a run that died after its last checkpoint)."""
