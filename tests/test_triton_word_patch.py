@@ -20,13 +20,14 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="interpreter test
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
 
 # Interpreter tiles: 16 rows per program, d contracted in 16-wide chunks. "default" covers an
-# output row of d <= 32 in one program (calibration backward fused into the gradient kernel);
-# "narrow" splits every output row over programs, which takes the separate calibration-backward
-# kernel.
-CONFIGS = {
+# output row of (padded) width <= 32 in one program, with the calibration backward fused into the
+# gradient kernel; "narrow" splits every output row over programs, which takes the separate
+# calibration-backward kernel.
+_NARROW = triton_word_patch.Tiles(16, 16, 16, 16, num_warps=1, num_stages=1)
+PLANS = {
     "default": None,
-    "narrow": triton_word_patch.Config(block_a=16, block_b=16, block_dk=16, block_dv=16, block_r=16,
-                                      num_warps=1, num_stages=1),
+    "narrow": triton_word_patch.Plan(recon=_NARROW, contrast=_NARROW, contrast_backward=_NARROW, grad_rows=_NARROW,
+                                     rows=triton_word_patch.Tiles(16, 16, 16, 0, num_warps=1, num_stages=1)),
 }
 
 
@@ -58,23 +59,23 @@ def check_parity(shape, dtype, device=DEVICE, **kwargs):
     return fused
 
 
-@pytest.fixture(params=list(CONFIGS))
-def config(request, monkeypatch):
-    if CONFIGS[request.param] is not None:
-        monkeypatch.setattr(triton_word_patch, "default_config", lambda d, dtype: CONFIGS[request.param])
+@pytest.fixture(params=list(PLANS))
+def plan(request, monkeypatch):
+    if PLANS[request.param] is not None:
+        monkeypatch.setattr(triton_word_patch, "default_plan", lambda D, dtype: PLANS[request.param])
     return request.param
 
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_parity_interpreter(dtype, config):
+def test_parity_interpreter(dtype, plan):
     check_parity(dict(B=3, K=13, P=29, d=24), dtype)
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dtype, config", [(torch.float32, "default"), (torch.float16, "narrow")], ids=str,
-                         indirect=["config"])
-def test_parity_interpreter_several_row_blocks(dtype, config):
+@pytest.mark.parametrize("dtype, plan", [(torch.float32, "default"), (torch.float16, "narrow")], ids=str,
+                         indirect=["plan"])
+def test_parity_interpreter_several_row_blocks(dtype, plan):
     """Two row blocks per side, d = 40 in three contraction chunks and two or three output chunks."""
     check_parity(dict(B=2, K=19, P=37, d=40), dtype)
 
@@ -129,9 +130,11 @@ def test_saves_row_statistics_only():
     with record_saved_tensors() as saved:
         loss = word_patch_reconstruction_loss(w, word_mask, p, patch_mask, backend="triton", reduction="none")
     inputs = (w, p, word_mask, patch_mask)
-    # |X|, lse(S), |y|, lse(G) per row of both sides and two weights per sample, in fp32.
-    assert saved.total_bytes(inputs) == 4 * (4 * B * (K + P) + 2 * B)
-    assert saved.largest_numel(inputs) == 4 * B * P < B * K * P
+    # |X|, lse(S), |y|, lse(G) per row of both sides (planes rounded up to 4 floats) and two
+    # weights per sample, in fp32.
+    plane = lambda n: -(-B * n // 4) * 4  # noqa: E731
+    assert saved.total_bytes(inputs) == 4 * (4 * plane(K) + 4 * plane(P) + 2 * B)
+    assert saved.largest_numel(inputs) == 4 * plane(P) < B * K * P
     loss.sum().backward()
     assert w.grad is not None and p.grad is not None
 

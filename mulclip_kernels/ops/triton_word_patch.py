@@ -127,7 +127,7 @@ def _contract(x_ptr, o_x, m_x, y_ptr, o_y, m_y, D,
     return b_acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "normalize"])
 def _row_norm_kernel(x_ptr, mask_ptr, norm_ptr, n, D, normalize,
                      BLOCK_R: tl.constexpr, BLOCK_DK: tl.constexpr):
     """norm[b, i] = |X[b, i]| (1 when not normalising; 0 on masked rows). Grid (B, cdiv(n, BLOCK_R))."""
@@ -146,7 +146,7 @@ def _row_norm_kernel(x_ptr, mask_ptr, norm_ptr, n, D, normalize,
     tl.store(norm_ptr + i_b * n + o_r, tl.where(m_r, b_norm, 0.0), mask=o_r < n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_a", "n_b"])
 def _recon_kernel(a_ptr, a_mask_ptr, a_norm_ptr, b_ptr, b_mask_ptr, b_norm_ptr, y_ptr, lse_ptr,
                   n_a, n_b, D, scale,
                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -192,7 +192,7 @@ def _recon_kernel(a_ptr, a_mask_ptr, a_norm_ptr, b_ptr, b_mask_ptr, b_norm_ptr, 
                  mask=m_out)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_a"])
 def _contrast_kernel(y_ptr, a_ptr, a_mask_ptr, a_norm_ptr, ce_ptr, lseg_ptr, yn_ptr, n_a, D, scale,
                      BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_DK: tl.constexpr, DOT: tl.constexpr):
     """CE_i = lse_j G_ij - G_ii, G_ij = (y_i . a_j) / (max(|y_i|, eps) tau_c) over valid rows j.
@@ -235,7 +235,7 @@ def _contrast_kernel(y_ptr, a_ptr, a_mask_ptr, a_norm_ptr, ce_ptr, lseg_ptr, yn_
     tl.store(yn_ptr + i_b * n_a + o_i, b_yn, mask=m_out)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "P"])
 def _finalize_kernel(ce_w_ptr, word_mask_ptr, ce_p_ptr, patch_mask_ptr, loss_ptr, coef_ptr, K, P,
                      BLOCK: tl.constexpr):
     """loss_b = (mean valid CE_text + mean valid CE_image) / 2, 0 without a valid word.
@@ -268,7 +268,7 @@ def _finalize_kernel(ce_w_ptr, word_mask_ptr, ce_p_ptr, patch_mask_ptr, loss_ptr
     tl.store(coef_ptr + 2 * i_b + 1, coef_p)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["side", "n_a"])
 def _contrast_backward_kernel(y_ptr, a_ptr, a_mask_ptr, a_norm_ptr, yn_ptr, lseg_ptr, grad_ptr, coef_ptr, side,
                               dy_ptr, dd_ptr, n_a, D, scale, inv_tau,
                               BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_DK: tl.constexpr,
@@ -318,7 +318,7 @@ def _contrast_backward_kernel(y_ptr, a_ptr, a_mask_ptr, a_norm_ptr, yn_ptr, lseg
         tl.store(dd_ptr + i_b * n_a + o_i, tl.where(m_big, 0.0, b_c), mask=m_out)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["side", "n_a", "n_b", "normalize"])
 def _grad_rows_kernel(a_ptr, a_mask_ptr, a_norm_ptr, a_y_ptr, a_yn_ptr, a_lseg_ptr, a_lse_ptr, a_dy_ptr, a_dd_ptr,
                       b_ptr, b_mask_ptr, b_norm_ptr, b_lse_ptr, b_dy_ptr, b_dd_ptr,
                       grad_ptr, coef_ptr, side, out_ptr, n_a, n_b, D, normalize,
@@ -409,7 +409,7 @@ def _grad_rows_kernel(a_ptr, a_mask_ptr, a_norm_ptr, a_y_ptr, a_yn_ptr, a_lseg_p
         tl.store(out_ptr + o_out, b_da, mask=m_out)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "normalize"])
 def _normalize_backward_kernel(x_ptr, mask_ptr, norm_ptr, da_ptr, out_ptr, n, D, normalize,
                                BLOCK_R: tl.constexpr, BLOCK_DK: tl.constexpr):
     """dX = (da - a (a . da)) / |X| (da / eps when |X| <= eps; da when not normalising), 0 masked.
@@ -445,51 +445,108 @@ def _normalize_backward_kernel(x_ptr, mask_ptr, norm_ptr, da_ptr, out_ptr, n, D,
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Config:
-    """Block sizes of one launch plan.
+def _pow2(n: int, low: int = 16) -> int:
+    return max(low, triton.next_power_of_2(n))
 
-    block_a: rows per program; block_b: streamed tile (columns, or rows of the same side);
+
+@dataclass(frozen=True)
+class Tiles:
+    """Block sizes and launch options of one kernel.
+
+    block_a: rows per program; block_b: the streamed tile (columns, or rows of the same side);
     block_dk: chunk of a contraction over d; block_dv: chunk of an output row of width d per
-    program (covering d avoids recomputing tiles per chunk and fuses the calibration backward);
-    block_r: rows per program of the row-wise kernels (norms, finalize, calibration backward).
+    program (covering d avoids recomputing tiles per chunk and fuses the calibration backward).
+    For the row-wise kernels (norms, calibration backward, finalize) block_a is the rows per
+    program and block_b the finalize chunk.
     """
 
     block_a: int
     block_b: int
     block_dk: int
     block_dv: int
-    block_r: int
     num_warps: int
     num_stages: int
 
 
-def _pow2(n: int, low: int = 16) -> int:
-    return max(low, triton.next_power_of_2(n))
+@dataclass(frozen=True)
+class Plan:
+    """Tiles of every kernel for one width and dtype."""
+
+    recon: Tiles
+    contrast: Tiles
+    contrast_backward: Tiles
+    grad_rows: Tiles
+    rows: Tiles
 
 
-def gpu_config(d: int, dtype: torch.dtype) -> Config:
-    """Block sizes the host launches on a GPU for width d and input dtype (listed by the AOT check).
+def gpu_plan(D: int, dtype: torch.dtype) -> Plan:
+    """Tiles launched on a GPU for padded width D; every specialisation is in the AOT table.
 
-    64 x 64 tiles with d contracted in chunks of 64; an output chunk covers d up to 128 (one
-    program per row block), wider rows are split into 128-wide chunks. fp32 runs IEEE dots on the
-    FMA units, whose operands live in registers: half the tiles keep it from spilling.
+    16-bit: 64-row blocks against 64-wide tiles, d contracted in 64-wide chunks, output rows in
+    128-wide chunks (one program per row block up to d = 128, 4 to 8 chunks at d = 512..1024),
+    8 warps. The gradient kernel holds three S-sized accumulators and two output tiles, so it
+    streams 32-wide tiles without software pipelining to stay inside 255 registers on sm_80.
+    fp32 runs IEEE dots on the FMA units, whose operands sit in registers: 32-row blocks,
+    16-wide contraction chunks, 4 warps. D is the padded width (a multiple of 16), which
+    `gpu_plan` does not otherwise depend on.
     """
     if dtype == torch.float32:
-        return Config(block_a=32, block_b=32, block_dk=32, block_dv=min(_pow2(d), 64), block_r=32,
-                      num_warps=4, num_stages=1)
-    return Config(block_a=64, block_b=64, block_dk=64, block_dv=min(_pow2(d), 128), block_r=32,
-                  num_warps=8 if d > 64 else 4, num_stages=2)
+        tiles = Tiles(32, 32, 16, 64, num_warps=4, num_stages=1)
+        return Plan(recon=tiles, contrast=tiles, contrast_backward=tiles, grad_rows=tiles,
+                    rows=Tiles(32, 128, 64, 0, num_warps=4, num_stages=1))
+    return Plan(recon=Tiles(64, 64, 64, 128, num_warps=8, num_stages=2),
+                contrast=Tiles(64, 64, 64, 0, num_warps=8, num_stages=2),
+                contrast_backward=Tiles(64, 64, 64, 128, num_warps=8, num_stages=2),
+                grad_rows=Tiles(64, 32, 64, 128, num_warps=8, num_stages=1),
+                rows=Tiles(32, 128, 64, 0, num_warps=4, num_stages=1))
 
 
-def interpreter_config(d: int) -> Config:
+def interpreter_plan(D: int) -> Plan:
     """Small tiles for the Triton interpreter, whose cost is per operation, not per element."""
-    return Config(block_a=16, block_b=16, block_dk=16, block_dv=min(_pow2(d), 32), block_r=16,
-                  num_warps=1, num_stages=1)
+    tiles = Tiles(16, 16, 16, min(_pow2(D), 32), num_warps=1, num_stages=1)
+    return Plan(recon=tiles, contrast=tiles, contrast_backward=tiles, grad_rows=tiles,
+                rows=Tiles(16, 64, 16, 0, num_warps=1, num_stages=1))
 
 
-def default_config(d: int, dtype: torch.dtype) -> Config:
-    return interpreter_config(d) if _INTERPRETED else gpu_config(d, dtype)
+def default_plan(D: int, dtype: torch.dtype) -> Plan:
+    return interpreter_plan(D) if _INTERPRETED else gpu_plan(D, dtype)
+
+
+def _meta(kernel, plan: Plan, D: int, dtype: torch.dtype) -> dict:
+    """Constexprs and launch options of `kernel` under `plan`: the one place both the host
+    launches and `aot_kernel_configs` take them from."""
+    dot = _dot_dtypes(dtype)[1]
+    if kernel is _row_norm_kernel or kernel is _normalize_backward_kernel:
+        t = plan.rows
+        meta = dict(BLOCK_R=t.block_a, BLOCK_DK=t.block_dk)
+    elif kernel is _finalize_kernel:
+        t = plan.rows
+        meta = dict(BLOCK=t.block_b)
+    elif kernel is _recon_kernel:
+        t = plan.recon
+        meta = dict(BLOCK_A=t.block_a, BLOCK_B=t.block_b, BLOCK_DK=t.block_dk, BLOCK_DV=t.block_dv, DOT=dot)
+    elif kernel is _contrast_kernel:
+        t = plan.contrast
+        meta = dict(BLOCK_A=t.block_a, BLOCK_J=t.block_b, BLOCK_DK=t.block_dk, DOT=dot)
+    elif kernel is _contrast_backward_kernel:
+        t = plan.contrast_backward
+        meta = dict(BLOCK_A=t.block_a, BLOCK_J=t.block_b, BLOCK_DK=t.block_dk, BLOCK_DV=t.block_dv, DOT=dot)
+    elif kernel is _grad_rows_kernel:
+        t = plan.grad_rows
+        meta = dict(BLOCK_A=t.block_a, BLOCK_B=t.block_b, BLOCK_DK=t.block_dk, BLOCK_DV=t.block_dv,
+                    FUSE_NORM=t.block_dv >= D, DOT=dot)
+    else:
+        raise ValueError(f"not a kernel of this module: {kernel}")
+    return dict(meta, num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def _launches(plan: Plan, D: int) -> list:
+    """The kernels one forward and backward launch under `plan` at width D."""
+    kernels = [_row_norm_kernel, _recon_kernel, _contrast_kernel, _finalize_kernel, _contrast_backward_kernel,
+               _grad_rows_kernel]
+    if plan.grad_rows.block_dv < D:
+        kernels.append(_normalize_backward_kernel)
+    return kernels
 
 
 def _dot_dtypes(dtype: torch.dtype) -> Tuple[torch.dtype, tl.dtype]:
@@ -502,126 +559,159 @@ def _dot_dtypes(dtype: torch.dtype) -> Tuple[torch.dtype, tl.dtype]:
     return torch.float32, tl.float32
 
 
-def _launch_opts(cfg: Config) -> Dict[str, int]:
-    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+def _round_up(n, multiple: int):
+    return -(-n // multiple) * multiple
 
 
-def _row_norms(x: Tensor, mask: Tensor, out: Tensor, normalize: bool, cfg: Config) -> None:
+def padded_width(d: int) -> int:
+    """The width the kernels run at: d padded with zero columns to a multiple of 16.
+
+    Zero columns change no norm, similarity or gradient; a row stride divisible by 16 is what
+    lets Triton vectorise every row load (the AOT table lists only that specialisation).
+    """
+    return _round_up(d, 16)
+
+
+def _pad(x: Tensor, width: int) -> Tensor:
+    x = x.contiguous()
+    return x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
+def _stats_shape(B, n) -> Tuple[int, int]:
+    """Four fp32 planes of B*n row statistics; each plane starts 16-byte aligned."""
+    return 4, _round_up(B * n, 4)
+
+
+def _planes(stats: Tensor, B: int, n: int) -> List[Tensor]:
+    """Views (B*n,) of the planes |X|, base-2 lse of S / tau_r, |y|, base-2 lse of G."""
+    return [stats[k, : B * n] for k in range(4)]
+
+
+def _row_norms(x: Tensor, mask: Tensor, out: Tensor, normalize: bool, plan: Plan) -> None:
     B, n, D = x.shape
-    _row_norm_kernel[(B, triton.cdiv(n, cfg.block_r))](x, mask, out, n, D, int(normalize),
-                                                        BLOCK_R=cfg.block_r, BLOCK_DK=cfg.block_dk)
+    _row_norm_kernel[(B, triton.cdiv(n, plan.rows.block_a))](x, mask, out, n, D, int(normalize),
+                                                              **_meta(_row_norm_kernel, plan, D, x.dtype))
 
 
-def _recon(a, a_mask, a_norm, b, b_mask, b_norm, lse_out, recon_temperature, cfg) -> Tensor:
+def _recon(a, a_mask, a_norm, b, b_mask, b_norm, lse_out, recon_temperature, plan) -> Tensor:
     """y = softmax(S / tau_r) b for the rows of `a` (B, n_a, D) in the dot dtype; lse into lse_out."""
     B, n_a, D = a.shape
-    n_b = b.shape[1]
-    scratch_dtype, dot = _dot_dtypes(a.dtype)
-    y = a.new_empty((B, n_a, D), dtype=scratch_dtype)
-    grid = (B, triton.cdiv(n_a, cfg.block_a), triton.cdiv(D, cfg.block_dv))
-    _recon_kernel[grid](a, a_mask, a_norm, b, b_mask, b_norm, y, lse_out, n_a, n_b, D, LOG2E / recon_temperature,
-                        BLOCK_A=cfg.block_a, BLOCK_B=cfg.block_b, BLOCK_DK=cfg.block_dk, BLOCK_DV=cfg.block_dv,
-                        DOT=dot, **_launch_opts(cfg))
+    t = plan.recon
+    y = a.new_empty((B, n_a, D), dtype=_dot_dtypes(a.dtype)[0])
+    grid = (B, triton.cdiv(n_a, t.block_a), triton.cdiv(D, t.block_dv))
+    _recon_kernel[grid](a, a_mask, a_norm, b, b_mask, b_norm, y, lse_out, n_a, b.shape[1], D,
+                        LOG2E / recon_temperature, **_meta(_recon_kernel, plan, D, a.dtype))
     return y
 
 
-def _forward_side(a, a_mask, a_stats, b, b_mask, b_norm, recon_temperature, contrast_temperature, cfg) -> Tensor:
-    """CE per row of side `a` (B, n_a) fp32; fills a_stats[1:] with lse(S), |y| and lse(G)."""
+def _forward_side(a, a_mask, a_planes, b, b_mask, b_norm, recon_temperature, contrast_temperature, plan) -> Tensor:
+    """CE per row of side `a` (B, n_a) fp32; fills the lse(S), |y| and lse(G) planes of `a`."""
     B, n_a, D = a.shape
-    y = _recon(a, a_mask, a_stats[0], b, b_mask, b_norm, a_stats[1], recon_temperature, cfg)
+    norm, lse, yn, lseg = a_planes
+    y = _recon(a, a_mask, norm, b, b_mask, b_norm, lse, recon_temperature, plan)
     ce = a.new_empty((B, n_a), dtype=torch.float32)
-    _contrast_kernel[(B, triton.cdiv(n_a, cfg.block_a))](
-        y, a, a_mask, a_stats[0], ce, a_stats[3], a_stats[2], n_a, D, LOG2E / contrast_temperature,
-        BLOCK_A=cfg.block_a, BLOCK_J=cfg.block_b, BLOCK_DK=cfg.block_dk, DOT=_dot_dtypes(a.dtype)[1],
-        **_launch_opts(cfg))
+    _contrast_kernel[(B, triton.cdiv(n_a, plan.contrast.block_a))](
+        y, a, a_mask, norm, ce, lseg, yn, n_a, D, LOG2E / contrast_temperature,
+        **_meta(_contrast_kernel, plan, D, a.dtype))
     return ce
 
 
 def wpr_forward(words: Tensor, word_mask: Tensor, patches: Tensor, patch_mask: Tensor, recon_temperature: float,
                 contrast_temperature: float, normalize_inputs: bool,
-                config: Optional[Config] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                plan: Optional[Plan] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-sample loss (B,) fp32 and the statistics backward needs.
 
-    Returns (loss, word_stats (4, B, K), patch_stats (4, B, P), coef (B, 2)); the stats planes
-    are |X|, base-2 lse of S / tau_r, |y| and base-2 lse of G per row; coef holds dL_b / dCE of a
-    row of each side.
+    Returns (loss, word_stats, patch_stats, coef): the stats are (4, ~B*n) fp32 planes (see
+    `_planes`) of |X|, base-2 lse of S / tau_r, |y| and base-2 lse of G per row; coef (B, 2) holds
+    dL_b / dCE of a row of each side.
     """
-    words, patches = words.contiguous(), patches.contiguous()
-    word_mask, patch_mask = word_mask.contiguous(), patch_mask.contiguous()
-    B, K, D = words.shape
+    B, K, d = words.shape
     P = patches.shape[1]
-    cfg = config or default_config(D, words.dtype)
-    word_stats = words.new_empty((4, B, K), dtype=torch.float32)
-    patch_stats = words.new_empty((4, B, P), dtype=torch.float32)
-    _row_norms(words, word_mask, word_stats[0], normalize_inputs, cfg)
-    _row_norms(patches, patch_mask, patch_stats[0], normalize_inputs, cfg)
+    D = padded_width(d)
+    words, patches = _pad(words, D), _pad(patches, D)
+    word_mask, patch_mask = word_mask.contiguous(), patch_mask.contiguous()
+    plan = plan or default_plan(D, words.dtype)
+    word_stats = words.new_empty(_stats_shape(B, K), dtype=torch.float32)
+    patch_stats = words.new_empty(_stats_shape(B, P), dtype=torch.float32)
+    word_planes, patch_planes = _planes(word_stats, B, K), _planes(patch_stats, B, P)
+    _row_norms(words, word_mask, word_planes[0], normalize_inputs, plan)
+    _row_norms(patches, patch_mask, patch_planes[0], normalize_inputs, plan)
     temperatures = (recon_temperature, contrast_temperature)
-    ce_words = _forward_side(words, word_mask, word_stats, patches, patch_mask, patch_stats[0], *temperatures, cfg)
-    ce_patches = _forward_side(patches, patch_mask, patch_stats, words, word_mask, word_stats[0], *temperatures, cfg)
+    ce_words = _forward_side(words, word_mask, word_planes, patches, patch_mask, patch_planes[0], *temperatures, plan)
+    ce_patches = _forward_side(patches, patch_mask, patch_planes, words, word_mask, word_planes[0], *temperatures,
+                               plan)
     loss = words.new_empty((B,), dtype=torch.float32)
     coef = words.new_empty((B, 2), dtype=torch.float32)
-    _finalize_kernel[(B,)](ce_words, word_mask, ce_patches, patch_mask, loss, coef, K, P, BLOCK=cfg.block_r * 4)
+    _finalize_kernel[(B,)](ce_words, word_mask, ce_patches, patch_mask, loss, coef, K, P,
+                           **_meta(_finalize_kernel, plan, D, words.dtype))
     return loss, word_stats, patch_stats, coef
 
 
-def _contrast_backward(y, a, a_mask, a_stats, grad, coef, side, contrast_temperature, cfg) -> Tuple[Tensor, Tensor]:
+def _contrast_backward(y, a, a_mask, a_planes, grad, coef, side, contrast_temperature, plan) -> Tuple[Tensor, Tensor]:
     """dy (B, n_a, D) in the dot dtype and D_i = dy_i . y_i (B, n_a) fp32 of one side."""
     B, n_a, D = a.shape
+    norm, _, yn, lseg = a_planes
+    t = plan.contrast_backward
     dy = torch.empty_like(y)
     dd = a.new_empty((B, n_a), dtype=torch.float32)
-    grid = (B, triton.cdiv(n_a, cfg.block_a), triton.cdiv(D, cfg.block_dv))
+    grid = (B, triton.cdiv(n_a, t.block_a), triton.cdiv(D, t.block_dv))
     _contrast_backward_kernel[grid](
-        y, a, a_mask, a_stats[0], a_stats[2], a_stats[3], grad, coef, side, dy, dd, n_a, D,
-        LOG2E / contrast_temperature, 1.0 / contrast_temperature,
-        BLOCK_A=cfg.block_a, BLOCK_J=cfg.block_b, BLOCK_DK=cfg.block_dk, BLOCK_DV=cfg.block_dv,
-        DOT=_dot_dtypes(a.dtype)[1], **_launch_opts(cfg))
+        y, a, a_mask, norm, yn, lseg, grad, coef, side, dy, dd, n_a, D,
+        LOG2E / contrast_temperature, 1.0 / contrast_temperature, **_meta(_contrast_backward_kernel, plan, D, a.dtype))
     return dy, dd
 
 
-def _grad_rows(a_side, b_side, grad, coef, side, normalize, recon_temperature, contrast_temperature, cfg) -> Tensor:
+def _grad_rows(a_side, b_side, grad, coef, side, normalize, recon_temperature, contrast_temperature, plan) -> Tensor:
     """Gradient (B, n_a, D) in a's dtype of the loss with respect to input `a`."""
-    a, a_mask, a_stats, y_a, dy_a, dd_a = a_side
-    b, b_mask, b_stats, dy_b, dd_b = b_side
+    a, a_mask, (a_norm, a_lse, a_yn, a_lseg), y_a, dy_a, dd_a = a_side
+    b, b_mask, (b_norm, b_lse, _, _), dy_b, dd_b = b_side
     B, n_a, D = a.shape
-    fuse = cfg.block_dv >= D
+    t = plan.grad_rows
+    meta = _meta(_grad_rows_kernel, plan, D, a.dtype)
     grad_a = torch.empty_like(a)
-    out = grad_a if fuse else a.new_empty((B, n_a, D), dtype=torch.float32)
-    grid = (B, triton.cdiv(n_a, cfg.block_a), triton.cdiv(D, cfg.block_dv))
+    out = grad_a if meta["FUSE_NORM"] else a.new_empty((B, n_a, D), dtype=torch.float32)
+    grid = (B, triton.cdiv(n_a, t.block_a), triton.cdiv(D, t.block_dv))
     _grad_rows_kernel[grid](
-        a, a_mask, a_stats[0], y_a, a_stats[2], a_stats[3], a_stats[1], dy_a, dd_a,
-        b, b_mask, b_stats[0], b_stats[1], dy_b, dd_b,
+        a, a_mask, a_norm, y_a, a_yn, a_lseg, a_lse, dy_a, dd_a,
+        b, b_mask, b_norm, b_lse, dy_b, dd_b,
         grad, coef, side, out, n_a, b.shape[1], D, int(normalize),
         LOG2E / recon_temperature, LOG2E / contrast_temperature, 1.0 / recon_temperature, 1.0 / contrast_temperature,
-        BLOCK_A=cfg.block_a, BLOCK_B=cfg.block_b, BLOCK_DK=cfg.block_dk, BLOCK_DV=cfg.block_dv,
-        FUSE_NORM=fuse, DOT=_dot_dtypes(a.dtype)[1], **_launch_opts(cfg))
-    if not fuse:
-        _normalize_backward_kernel[(B, triton.cdiv(n_a, cfg.block_r))](
-            a, a_mask, a_stats[0], out, grad_a, n_a, D, int(normalize), BLOCK_R=cfg.block_r, BLOCK_DK=cfg.block_dk)
+        **meta)
+    if not meta["FUSE_NORM"]:
+        _normalize_backward_kernel[(B, triton.cdiv(n_a, plan.rows.block_a))](
+            a, a_mask, a_norm, out, grad_a, n_a, D, int(normalize),
+            **_meta(_normalize_backward_kernel, plan, D, a.dtype))
     return grad_a
 
 
 def wpr_backward(grad_loss: Tensor, words: Tensor, word_mask: Tensor, patches: Tensor, patch_mask: Tensor,
                  word_stats: Tensor, patch_stats: Tensor, coef: Tensor, recon_temperature: float,
                  contrast_temperature: float, normalize_inputs: bool,
-                 config: Optional[Config] = None) -> Tuple[Tensor, Tensor]:
+                 plan: Optional[Plan] = None) -> Tuple[Tensor, Tensor]:
     """Gradients of sum_b grad_loss[b] * loss[b] for words and patches, from the saved statistics."""
-    words, patches = words.contiguous(), patches.contiguous()
+    B, K, d = words.shape
+    P = patches.shape[1]
+    D = padded_width(d)
+    words, patches = _pad(words, D), _pad(patches, D)
     word_mask, patch_mask = word_mask.contiguous(), patch_mask.contiguous()
     grad = grad_loss.contiguous().to(torch.float32)
-    cfg = config or default_config(words.shape[2], words.dtype)
+    plan = plan or default_plan(D, words.dtype)
+    word_planes, patch_planes = _planes(word_stats, B, K), _planes(patch_stats, B, P)
     # y is recomputed with the forward's kernel and blocks, so it matches the saved |y| and lse(G)
-    # bit for bit; its lse output is the same as the saved one and goes to a throwaway buffer.
-    y_w = _recon(words, word_mask, word_stats[0], patches, patch_mask, patch_stats[0],
-                 torch.empty_like(word_stats[1]), recon_temperature, cfg)
-    y_p = _recon(patches, patch_mask, patch_stats[0], words, word_mask, word_stats[0],
-                 torch.empty_like(patch_stats[1]), recon_temperature, cfg)
-    dy_w, dd_w = _contrast_backward(y_w, words, word_mask, word_stats, grad, coef, 0, contrast_temperature, cfg)
-    dy_p, dd_p = _contrast_backward(y_p, patches, patch_mask, patch_stats, grad, coef, 1, contrast_temperature, cfg)
-    words_side = (words, word_mask, word_stats, y_w, dy_w, dd_w)
-    patches_side = (patches, patch_mask, patch_stats, y_p, dy_p, dd_p)
-    options = (normalize_inputs, recon_temperature, contrast_temperature, cfg)
-    grad_words = _grad_rows(words_side, (patches, patch_mask, patch_stats, dy_p, dd_p), grad, coef, 0, *options)
-    grad_patches = _grad_rows(patches_side, (words, word_mask, word_stats, dy_w, dd_w), grad, coef, 1, *options)
+    # bit for bit; its lse output equals the saved one and goes to a throwaway buffer.
+    y_w = _recon(words, word_mask, word_planes[0], patches, patch_mask, patch_planes[0],
+                 torch.empty_like(word_planes[1]), recon_temperature, plan)
+    y_p = _recon(patches, patch_mask, patch_planes[0], words, word_mask, word_planes[0],
+                 torch.empty_like(patch_planes[1]), recon_temperature, plan)
+    dy_w, dd_w = _contrast_backward(y_w, words, word_mask, word_planes, grad, coef, 0, contrast_temperature, plan)
+    dy_p, dd_p = _contrast_backward(y_p, patches, patch_mask, patch_planes, grad, coef, 1, contrast_temperature, plan)
+    words_side = (words, word_mask, word_planes, y_w, dy_w, dd_w)
+    patches_side = (patches, patch_mask, patch_planes, y_p, dy_p, dd_p)
+    options = (normalize_inputs, recon_temperature, contrast_temperature, plan)
+    grad_words = _grad_rows(words_side, (patches, patch_mask, patch_planes, dy_p, dd_p), grad, coef, 0, *options)
+    grad_patches = _grad_rows(patches_side, (words, word_mask, word_planes, dy_w, dd_w), grad, coef, 1, *options)
+    if D != d:
+        grad_words, grad_patches = grad_words[..., :d].contiguous(), grad_patches[..., :d].contiguous()
     return grad_words, grad_patches
 
 
@@ -644,8 +734,8 @@ def _(words, word_mask, patches, patch_mask, recon_temperature, contrast_tempera
     B, K, _ = words.shape
     P = patches.shape[1]
     stats = dict(dtype=torch.float32)
-    return (words.new_empty((B,), **stats), words.new_empty((4, B, K), **stats),
-            words.new_empty((4, B, P), **stats), words.new_empty((B, 2), **stats))
+    return (words.new_empty((B,), **stats), words.new_empty(_stats_shape(B, K), **stats),
+            words.new_empty(_stats_shape(B, P), **stats), words.new_empty((B, 2), **stats))
 
 
 @torch.library.custom_op("mulclip::word_patch_reconstruction_triton_backward", mutates_args=())
@@ -711,3 +801,63 @@ def word_patch_reconstruction(words, word_mask, patches, patch_mask, recon_tempe
                                                           contrast_temperature, normalize_inputs)
     return word_patch_reconstruction_forward(words, word_mask, patches, patch_mask, recon_temperature,
                                              contrast_temperature, normalize_inputs)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile check (mulclip_kernels.aot)
+# ----------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _signatures(dtype: torch.dtype) -> Dict[str, Dict[str, str]]:
+    """Triton signature of every kernel for inputs of `dtype` as the GPU host launches them."""
+    x = dot = f"*{_TRITON_TYPES[dtype]}"  # on a GPU the y / dy temporaries have the input dtype
+    f32, mask = "*fp32", "*i1"
+    side_a = {"a_ptr": x, "a_mask_ptr": mask, "a_norm_ptr": f32}
+    return {
+        "_row_norm_kernel": {"x_ptr": x, "mask_ptr": mask, "norm_ptr": f32, "n": "i32", "D": "i32", "normalize": "i32"},
+        "_recon_kernel": {**side_a, "b_ptr": x, "b_mask_ptr": mask, "b_norm_ptr": f32, "y_ptr": dot, "lse_ptr": f32,
+                          "n_a": "i32", "n_b": "i32", "D": "i32", "scale": "fp32"},
+        "_contrast_kernel": {"y_ptr": dot, **side_a, "ce_ptr": f32, "lseg_ptr": f32, "yn_ptr": f32,
+                             "n_a": "i32", "D": "i32", "scale": "fp32"},
+        "_finalize_kernel": {"ce_w_ptr": f32, "word_mask_ptr": mask, "ce_p_ptr": f32, "patch_mask_ptr": mask,
+                             "loss_ptr": f32, "coef_ptr": f32, "K": "i32", "P": "i32"},
+        "_contrast_backward_kernel": {"y_ptr": dot, **side_a, "yn_ptr": f32, "lseg_ptr": f32, "grad_ptr": f32,
+                                      "coef_ptr": f32, "side": "i32", "dy_ptr": dot, "dd_ptr": f32, "n_a": "i32",
+                                      "D": "i32", "scale": "fp32", "inv_tau": "fp32"},
+        "_grad_rows_kernel": {**side_a, "a_y_ptr": dot, "a_yn_ptr": f32, "a_lseg_ptr": f32, "a_lse_ptr": f32,
+                              "a_dy_ptr": dot, "a_dd_ptr": f32, "b_ptr": x, "b_mask_ptr": mask, "b_norm_ptr": f32,
+                              "b_lse_ptr": f32, "b_dy_ptr": dot, "b_dd_ptr": f32, "grad_ptr": f32, "coef_ptr": f32,
+                              "side": "i32", "out_ptr": x, "n_a": "i32", "n_b": "i32", "D": "i32", "normalize": "i32",
+                              "scale_r": "fp32", "scale_c": "fp32", "inv_tau_r": "fp32", "inv_tau_c": "fp32"},
+        "_normalize_backward_kernel": {"x_ptr": x, "mask_ptr": mask, "norm_ptr": f32, "da_ptr": f32, "out_ptr": x,
+                                       "n": "i32", "D": "i32", "normalize": "i32"},
+    }
+
+
+def aot_kernel_configs(max_width: int = 1024) -> List[dict]:
+    """Every (kernel, dtype, tiles) that `gpu_plan` launches for widths d <= max_width.
+
+    Each entry: name, fn (the JIT function), signature (parameter -> Triton type, "constexpr" for
+    constexprs), constexprs, num_warps, num_stages, and divisible_by_16 (["D"]: the host pads the
+    width, so Triton always specialises it as a multiple of 16; the other integers are declared
+    `do_not_specialize`). `mulclip_kernels.aot` compiles them for sm_80 and sm_90 and checks
+    registers, spills and shared memory.
+    """
+    entries, seen = [], set()
+    for dtype in _TRITON_TYPES:
+        signatures = _signatures(dtype)
+        for D in range(16, padded_width(max_width) + 1, 16):
+            plan = gpu_plan(D, dtype)
+            for fn in _launches(plan, D):
+                meta = _meta(fn, plan, D, dtype)
+                options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+                signature = {**signatures[fn.__name__], **{key: "constexpr" for key in meta}}
+                key = (fn.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in meta.items()),
+                       tuple(options.items()))
+                if key not in seen:
+                    seen.add(key)
+                    entries.append(dict(name=fn.__name__, fn=fn, signature=signature, constexprs=meta, **options,
+                                        divisible_by_16=["D"]))
+    return entries
