@@ -179,8 +179,10 @@ def _digest(kind: str, sources: Sequence[str], flags: Sequence[str]) -> str:
     for name in (*HEADERS, *sources):
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
-    h.update(repr((kind, list(flags), torch.__version__, torch.version.cuda, sys.version_info[:2],
-                   platform.machine())).encode())
+    # The torch install enters too: a build's ninja file names torch's include directory, so two
+    # environments sharing one cache would otherwise rebuild each other's modules in turn.
+    h.update(repr((kind, list(flags), torch.__version__, torch.version.cuda, os.path.dirname(torch.__file__),
+                   sys.version_info[:2], platform.machine())).encode())
     return h.hexdigest()[:16]
 
 
