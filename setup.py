@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="Fused kernels and a training package for MulCLIP (multi-level long-caption CLIP alignment)",
     packages=find_packages(include=["mulclip_kernels", "mulclip_kernels.*", "mulclip", "mulclip.*"]),
-    package_data={"": ["../csrc/*"]},
+    # The compiled extensions build from csrc/ in the source tree on first use (editable install).
+    package_data={"mulclip": ["model_configs/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch==2.14.1",
@@ -17,6 +18,8 @@ setup(
         "ninja",
         "webdataset",
         "tqdm",
+        "tensorboard",
+        "matplotlib",
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark"],
