@@ -24,11 +24,13 @@ _BACKEND_MODULES: Dict[str, Dict[str, str]] = {
         "reference": "mulclip_kernels.reference",
         "torch": "mulclip_kernels.ops.torch_subcaption_patch",
         "cpp": "mulclip_kernels.ops.cpp_subcaption_patch",
+        "cuda": "mulclip_kernels.ops.cuda_subcaption_patch",
     },
     "subcaption_patch_scores": {
         "reference": "mulclip_kernels.reference",
         "torch": "mulclip_kernels.ops.torch_subcaption_patch",
         "cpp": "mulclip_kernels.ops.cpp_subcaption_patch",
+        "cuda": "mulclip_kernels.ops.cuda_subcaption_patch",
     },
 }
 
