@@ -75,6 +75,7 @@ _CXX = _find_cxx()
 _NINJA = _find_ninja()
 _CUDA_HOME = find_cuda_home()
 _HAVE_SOURCES = CSRC.is_dir()
+_HAVE_PYTHON_HEADERS = (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file()
 
 
 def cache_root() -> Path:
@@ -94,6 +95,8 @@ def _toolchain_problem(kind: str) -> Optional[str]:
         return "no C++ compiler found: install g++ (or clang++) or set CXX"
     if _NINJA is None:
         return "ninja not found: pip install ninja"
+    if not _HAVE_PYTHON_HEADERS:
+        return f"Python.h is missing from {sysconfig.get_paths()['include']}: install the Python development headers"
     if kind == "cuda" and _CUDA_HOME is None:
         return "no CUDA toolkit found (nvcc and cuda_runtime.h): install it or set CUDA_HOME"
     return None

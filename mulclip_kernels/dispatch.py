@@ -37,7 +37,7 @@ _BACKEND_MODULES: Dict[str, Dict[str, str]] = {
 # What "auto" tries, fastest first, per device type; the first available backend wins.
 _AUTO_ORDER: Dict[str, List[str]] = {
     "cuda": ["triton", "cuda", "torch"],
-    "cpu": ["torch"],
+    "cpu": ["cpp", "torch"],
 }
 _AUTO_FALLBACK = ["torch"]
 
