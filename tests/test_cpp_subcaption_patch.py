@@ -239,7 +239,7 @@ def test_scores_save_indices_and_statistics_only():
     assert saved.total_bytes(inputs) == 12 * N * B * k + B * P  # index, sigma, rho (4 bytes each), mask
 
 
-@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager", "inductor"])
 def test_compiled_fullgraph_matches_eager(compiler):
     subcaptions, patches, subcaption_mask, patch_mask = sap_inputs(B=2, M=3, P=17, d=16, dtype=torch.float32)
 
