@@ -20,9 +20,8 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="interpreter test
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
 
 # Interpreter tiles: 16 rows per program, d contracted in 16-wide chunks. "default" covers an
-# output row of (padded) width <= 32 in one program, with the calibration backward fused into the
-# gradient kernel; "narrow" splits every output row over programs, which takes the separate
-# calibration-backward kernel.
+# output row of (padded) width <= 32 in one program; "narrow" splits every output row over
+# programs, each recomputing its tiles and applying the calibration backward to its chunk.
 _NARROW = triton_word_patch.Tiles(16, 16, 16, 16, num_warps=1, num_stages=1)
 PLANS = {
     "default": None,

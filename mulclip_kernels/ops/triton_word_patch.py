@@ -36,14 +36,15 @@ Backward, with w = dL/dCE_i = g_b / (2 n_valid) (0 for a sample without words), 
 it: the contrast columns of its own side, the reconstruction rows of its own side and the
 reconstruction columns of the other side, which share one recomputed tile of S. Last the
 calibration backward dX = (da - a (a . da)) / |X| (da / eps when |X| <= eps), zero where masked,
-either in the same kernel (when one program holds the whole width) or in
-`_normalize_backward_kernel`. Backward temporaries: y and dy of both sides (input-sized, in the
-dot dtype) and, when the width is split, an fp32 gradient of the input size.
+in the same kernel: a_j . da_j needs no reduction over the width, since every term of da_j is a
+tile coefficient times a row whose inner product with a_j the tile already holds
+(a_j . r_i = tau_c G_ij, a_j . b_p = S_jp, a_j . dy~_p). Backward temporaries: y and dy of both
+sides (input-sized, in the dot dtype).
 
-The width d is split in two ways: contractions over d (S, G, dy . b) loop over `BLOCK_DK`
-chunks, and outputs of width d (y, dy, gradients) are split over programs in `BLOCK_DV` chunks;
-a program recomputes its tile contractions for each output chunk, so `BLOCK_DV` should cover d
-where registers allow.
+The width d (padded with zero columns to a multiple of 16, so that Triton vectorises every row)
+is split two ways: contractions over d (S, G, dy . b) loop over `BLOCK_DK` chunks, and outputs
+of width d (y, dy, gradients) are split over programs in `BLOCK_DV` chunks; a program recomputes
+its tile contractions for each output chunk, so `BLOCK_DV` covers as much of d as registers allow.
 
 Numerics: dot operands are the input dtype (fp16/bf16 tensor cores, fp32 accumulators); fp32
 inputs use IEEE fp32 dots (`input_precision="ieee"`, never TF32). Under the Triton interpreter
@@ -324,7 +325,7 @@ def _grad_rows_kernel(a_ptr, a_mask_ptr, a_norm_ptr, a_y_ptr, a_yn_ptr, a_lseg_p
                       grad_ptr, coef_ptr, side, out_ptr, n_a, n_b, D, normalize,
                       scale_r, scale_c, inv_tau_r, inv_tau_c,
                       BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                      FUSE_NORM: tl.constexpr, DOT: tl.constexpr):
+                      DOT: tl.constexpr):
     """Gradient of the loss with respect to the rows X_j of input `a`, for a block of rows j.
 
     With a = calibrated rows of `a`, b = of `b`, and the other side's quantities marked ~:
@@ -332,9 +333,8 @@ def _grad_rows_kernel(a_ptr, a_mask_ptr, a_norm_ptr, a_y_ptr, a_yn_ptr, a_lseg_p
            + sum_p dS_jp b_p                                   (a's reconstruction, rows j)
            + sum_p (A~_pj dy~_p + dS~_pj b_p)                  (b's reconstruction, columns j)
     dS_jp = A_jp (dy_j . b_p - D_j) / tau_r, dS~_pj = A~_pj (dy~_p . a_j - D~_p) / tau_r; A and A~
-    come from one recomputed tile of S = a b^T with the saved log-sum-exps. With FUSE_NORM (one
-    program covers all of D) the calibration backward follows and `out` is the input gradient;
-    otherwise `out` is da in fp32 for `_normalize_backward_kernel`.
+    come from one recomputed tile of S = a b^T with the saved log-sum-exps. Then the calibration
+    backward, with a_j . da_j gathered from the same tiles; `out` gets dX in the input dtype.
     scale_r/c = log2(e) / tau_r/c. Grid (B, cdiv(n_a, BLOCK_A), cdiv(D, BLOCK_DV)).
     """
     i_b = tl.program_id(0).to(tl.int64)
@@ -351,22 +351,28 @@ def _grad_rows_kernel(a_ptr, a_mask_ptr, a_norm_ptr, a_y_ptr, a_yn_ptr, a_lseg_p
     m_j = _row_valid(a_mask_ptr, o_j, n_a)
     b_ia = _inv_norm(a_norm_ptr + i_b * n_a, o_j, m_j)  # [BA]
 
-    # Contrast of a's side, gradient through its columns: dG^T tiles [BA (j), BB (i)].
+    # Contrast of a's side, gradient through its columns: dG^T tiles [BA (j), BB (i)]. b_proj
+    # gathers a_j . da_j from the tiles (a_j . r_i = tau_c G_ij, a_j . b_p = S_jp), so the
+    # calibration backward needs no reduction over the width and works on any chunk of it.
     b_da = tl.zeros([BLOCK_A, BLOCK_DV], dtype=tl.float32)
+    b_proj = tl.zeros([BLOCK_A], dtype=tl.float32)
     for i0 in range(0, n_a, BLOCK_B):
         o_i = i0 + tl.arange(0, BLOCK_B)
         m_i = _row_valid(a_mask_ptr, o_i, n_a)
         b_ry = 1.0 / tl.maximum(tl.load(a_yn_ptr + i_b * n_a + o_i, mask=m_i, other=1.0), _EPS)
         b_lse = tl.load(a_lseg_ptr + i_b * n_a + o_i, mask=m_i, other=0.0)
         b_g = _contract(a_ptr, o_j, m_j, a_y_ptr, o_i, m_i, D, BLOCK_A, BLOCK_B, BLOCK_DK, DOT)
-        b_g = b_g * b_ia[:, None] * (b_ry * scale_c)[None, :]
+        b_g = b_g * b_ia[:, None] * (b_ry * scale_c)[None, :]  # base-2 G_ij
         m_ji = m_j[:, None] & m_i[None, :]
         b_dg = tl.where(m_ji, tl.exp2(b_g - b_lse[None, :]), 0.0)
         b_dg -= tl.where(m_ji & (o_j[:, None] == o_i[None, :]), 1.0, 0.0)
+        b_proj += tl.sum(b_dg * b_g, axis=1)
         # r_i = y_i / |y_i| scaled in fp32 first: unit rows are safe in 16 bits, 1/|y| may not be.
         b_r = (_load_rows(a_y_ptr, o_i, m_i, o_v, D, tl.float32) * b_ry[:, None]).to(DOT)  # [BB, BDV]
         b_da = _dot(b_dg.to(DOT), b_r, b_da)
-    b_da *= tl.load(grad_ptr + i_b) * tl.load(coef_ptr + 2 * i_b + side) * inv_tau_c
+    w = tl.load(grad_ptr + i_b) * tl.load(coef_ptr + 2 * i_b + side)
+    b_da *= w * inv_tau_c
+    b_proj *= w * _LN2
 
     # Both reconstructions through one tile of S: three contractions over D share the loads.
     b_lse_a = tl.load(a_lse_ptr + i_b * n_a + o_j, mask=m_j, other=0.0)
@@ -379,65 +385,34 @@ def _grad_rows_kernel(a_ptr, a_mask_ptr, a_norm_ptr, a_y_ptr, a_yn_ptr, a_lseg_p
         b_dd_b = tl.load(b_dd_ptr + i_b * n_b + o_p, mask=m_p, other=0.0)
         b_s = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)  # X_j . X_p
         b_dyb = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)  # dy_j . X_p
-        b_dya = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)  # X_j . dy~_p
+        b_adq = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)  # X_j . dy~_p
         for k0 in range(0, D, BLOCK_DK):
             o_k = k0 + tl.arange(0, BLOCK_DK)
             b_xa = _load_rows(a_ptr, o_j, m_j, o_k, D, DOT)
             b_xb = tl.trans(_load_rows(b_ptr, o_p, m_p, o_k, D, DOT))
             b_s = _dot(b_xa, b_xb, b_s)
             b_dyb = _dot(_load_rows(a_dy_ptr, o_j, m_j, o_k, D, DOT), b_xb, b_dyb)
-            b_dya = _dot(b_xa, tl.trans(_load_rows(b_dy_ptr, o_p, m_p, o_k, D, DOT)), b_dya)
-        b_s = b_s * (b_ia * scale_r)[:, None] * b_ib[None, :]
+            b_adq = _dot(b_xa, tl.trans(_load_rows(b_dy_ptr, o_p, m_p, o_k, D, DOT)), b_adq)
+        b_s = b_s * (b_ia * scale_r)[:, None] * b_ib[None, :]  # base-2 S_jp / tau_r
+        b_adq *= b_ia[:, None]  # a_j . dy~_p
         m_jp = m_j[:, None] & m_p[None, :]
         b_pa = tl.where(m_jp, tl.exp2(b_s - b_lse_a[:, None]), 0.0)  # A_jp, softmax over p
         b_pb = tl.where(m_jp, tl.exp2(b_s - b_lse_b[None, :]), 0.0)  # A~_pj, softmax over j
-        b_ds = b_pa * (b_dyb * b_ib[None, :] - b_dd_a[:, None]) + b_pb * (b_dya * b_ia[:, None] - b_dd_b[None, :])
+        b_ds = b_pa * (b_dyb * b_ib[None, :] - b_dd_a[:, None]) + b_pb * (b_adq - b_dd_b[None, :])
         b_ds *= inv_tau_r
+        b_proj += tl.sum(b_ds * b_s, axis=1) / scale_r + tl.sum(b_pb * b_adq, axis=1)
         b_da = _dot((b_ds * b_ib[None, :]).to(DOT), _load_rows(b_ptr, o_p, m_p, o_v, D, DOT), b_da)
         b_da = _dot(b_pb.to(DOT), _load_rows(b_dy_ptr, o_p, m_p, o_v, D, DOT), b_da)
 
-    m_out = (o_j < n_a)[:, None] & (o_v[None, :] < D)
-    o_out = i_b * n_a * D + o_j[:, None] * D + o_v[None, :]
-    if FUSE_NORM:
-        b_x = _load_rows(a_ptr, o_j, m_j, o_v, D, tl.float32) * b_ia[:, None]
-        if normalize:
-            m_big = tl.load(a_norm_ptr + i_b * n_a + o_j, mask=m_j, other=0.0) > _EPS
-            b_proj = tl.sum(b_x * b_da, axis=1)
-            b_da = tl.where(m_big[:, None], b_da - b_x * b_proj[:, None], b_da) * b_ia[:, None]
-        tl.store(out_ptr + o_out, tl.where(m_j[:, None], b_da, 0.0).to(out_ptr.dtype.element_ty), mask=m_out)
-    else:
-        tl.store(out_ptr + o_out, b_da, mask=m_out)
-
-
-@triton.jit(do_not_specialize=["n", "normalize"])
-def _normalize_backward_kernel(x_ptr, mask_ptr, norm_ptr, da_ptr, out_ptr, n, D, normalize,
-                               BLOCK_R: tl.constexpr, BLOCK_DK: tl.constexpr):
-    """dX = (da - a (a . da)) / |X| (da / eps when |X| <= eps; da when not normalising), 0 masked.
-
-    da is the fp32 gradient with respect to the calibrated rows a. Grid (B, cdiv(n, BLOCK_R)).
-    """
-    i_b = tl.program_id(0).to(tl.int64)
-    o_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_r = _row_valid(mask_ptr + i_b * n, o_r, n)
-    b_ia = _inv_norm(norm_ptr + i_b * n, o_r, m_r)
-    m_big = tl.load(norm_ptr + i_b * n + o_r, mask=m_r, other=0.0) > _EPS
-    x_ptr += i_b * n * D
-    da_ptr += i_b * n * D
-    out_ptr += i_b * n * D
-    b_proj = tl.zeros([BLOCK_R], dtype=tl.float32)
+    # Calibration backward: dX = (da - a (a . da)) / |X|, da / eps when |X| <= eps, da unnormalised.
     if normalize:
-        for k0 in range(0, D, BLOCK_DK):
-            o_k = k0 + tl.arange(0, BLOCK_DK)
-            b_x = _load_rows(x_ptr, o_r, m_r, o_k, D, tl.float32)
-            b_proj += tl.sum(b_x * _load_rows(da_ptr, o_r, m_r, o_k, D, tl.float32), axis=1)
-        b_proj = tl.where(m_big, b_proj * b_ia * b_ia, 0.0)  # (a . da) / |X|, a = X / |X|
-    for k0 in range(0, D, BLOCK_DK):
-        o_k = k0 + tl.arange(0, BLOCK_DK)
-        b_x = _load_rows(x_ptr, o_r, m_r, o_k, D, tl.float32)
-        b_da = _load_rows(da_ptr, o_r, m_r, o_k, D, tl.float32)
-        b_dx = (b_da - b_x * b_proj[:, None]) * b_ia[:, None]
-        tl.store(out_ptr + o_r[:, None] * D + o_k[None, :], b_dx.to(out_ptr.dtype.element_ty),
-                 mask=(o_r < n)[:, None] & (o_k[None, :] < D))
+        m_big = tl.load(a_norm_ptr + i_b * n_a + o_j, mask=m_j, other=0.0) > _EPS
+        b_proj = tl.where(m_big, b_proj * b_ia, 0.0)  # (a . da) / |X|
+        b_x = _load_rows(a_ptr, o_j, m_j, o_v, D, DOT).to(tl.float32)
+        b_da = (b_da - b_x * b_proj[:, None]) * b_ia[:, None]
+    m_out = (o_j < n_a)[:, None] & (o_v[None, :] < D)
+    tl.store(out_ptr + i_b * n_a * D + o_j[:, None] * D + o_v[None, :],
+             tl.where(m_j[:, None], b_da, 0.0).to(out_ptr.dtype.element_ty), mask=m_out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,7 +430,7 @@ class Tiles:
 
     block_a: rows per program; block_b: the streamed tile (columns, or rows of the same side);
     block_dk: chunk of a contraction over d; block_dv: chunk of an output row of width d per
-    program (covering d avoids recomputing tiles per chunk and fuses the calibration backward).
+    program (covering d avoids recomputing the tile contractions once per chunk).
     For the row-wise kernels (norms, calibration backward, finalize) block_a is the rows per
     program and block_b the finalize chunk.
     """
@@ -482,21 +457,22 @@ class Plan:
 def gpu_plan(D: int, dtype: torch.dtype) -> Plan:
     """Tiles launched on a GPU for padded width D; every specialisation is in the AOT table.
 
-    16-bit: 64-row blocks against 64-wide tiles, d contracted in 64-wide chunks, output rows in
-    128-wide chunks (one program per row block up to d = 128, 4 to 8 chunks at d = 512..1024),
-    8 warps. The gradient kernel holds three S-sized accumulators and two output tiles, so it
-    streams 32-wide tiles without software pipelining to stay inside 255 registers on sm_80.
-    fp32 runs IEEE dots on the FMA units, whose operands sit in registers: 32-row blocks,
-    16-wide contraction chunks, 4 warps. D is the padded width (a multiple of 16), which
-    `gpu_plan` does not otherwise depend on.
+    16-bit: 64-row blocks, d contracted in 64-wide chunks, 8 warps. Output rows go in 256-wide
+    chunks in the forward and contrast-backward kernels (one program per row block up to d = 256,
+    2 / 3 / 4 at d = 512 / 768 / 1024; each chunk recomputes its tile contractions) and in
+    128-wide chunks in the gradient kernel, which holds three S-sized accumulators beside its
+    output: 256 spills on sm_90, and without software pipelining 128 just fits sm_80's 255
+    registers. fp32 runs IEEE dots on the FMA units, whose operands sit in registers: 32-row
+    blocks, 16-wide contraction chunks, 64-wide output chunks, 4 warps. The tiles do not depend on
+    D otherwise.
     """
     if dtype == torch.float32:
         tiles = Tiles(32, 32, 16, 64, num_warps=4, num_stages=1)
         return Plan(recon=tiles, contrast=tiles, contrast_backward=tiles, grad_rows=tiles,
                     rows=Tiles(32, 128, 64, 0, num_warps=4, num_stages=1))
-    return Plan(recon=Tiles(64, 64, 64, 128, num_warps=8, num_stages=2),
-                contrast=Tiles(64, 64, 64, 0, num_warps=8, num_stages=2),
-                contrast_backward=Tiles(64, 64, 64, 128, num_warps=8, num_stages=2),
+    return Plan(recon=Tiles(64, 64, 64, 256, num_warps=8, num_stages=2),
+                contrast=Tiles(64, 64, 64, 0, num_warps=4, num_stages=2),
+                contrast_backward=Tiles(64, 64, 64, 256, num_warps=8, num_stages=2),
                 grad_rows=Tiles(64, 32, 64, 128, num_warps=8, num_stages=1),
                 rows=Tiles(32, 128, 64, 0, num_warps=4, num_stages=1))
 
@@ -516,7 +492,7 @@ def _meta(kernel, plan: Plan, D: int, dtype: torch.dtype) -> dict:
     """Constexprs and launch options of `kernel` under `plan`: the one place both the host
     launches and `aot_kernel_configs` take them from."""
     dot = _dot_dtypes(dtype)[1]
-    if kernel is _row_norm_kernel or kernel is _normalize_backward_kernel:
+    if kernel is _row_norm_kernel:
         t = plan.rows
         meta = dict(BLOCK_R=t.block_a, BLOCK_DK=t.block_dk)
     elif kernel is _finalize_kernel:
@@ -533,20 +509,16 @@ def _meta(kernel, plan: Plan, D: int, dtype: torch.dtype) -> dict:
         meta = dict(BLOCK_A=t.block_a, BLOCK_J=t.block_b, BLOCK_DK=t.block_dk, BLOCK_DV=t.block_dv, DOT=dot)
     elif kernel is _grad_rows_kernel:
         t = plan.grad_rows
-        meta = dict(BLOCK_A=t.block_a, BLOCK_B=t.block_b, BLOCK_DK=t.block_dk, BLOCK_DV=t.block_dv,
-                    FUSE_NORM=t.block_dv >= D, DOT=dot)
+        meta = dict(BLOCK_A=t.block_a, BLOCK_B=t.block_b, BLOCK_DK=t.block_dk, BLOCK_DV=t.block_dv, DOT=dot)
     else:
         raise ValueError(f"not a kernel of this module: {kernel}")
     return dict(meta, num_warps=t.num_warps, num_stages=t.num_stages)
 
 
 def _launches(plan: Plan, D: int) -> list:
-    """The kernels one forward and backward launch under `plan` at width D."""
-    kernels = [_row_norm_kernel, _recon_kernel, _contrast_kernel, _finalize_kernel, _contrast_backward_kernel,
-               _grad_rows_kernel]
-    if plan.grad_rows.block_dv < D:
-        kernels.append(_normalize_backward_kernel)
-    return kernels
+    """The kernels one forward and backward launch (the same for every plan and width)."""
+    return [_row_norm_kernel, _recon_kernel, _contrast_kernel, _finalize_kernel, _contrast_backward_kernel,
+            _grad_rows_kernel]
 
 
 def _dot_dtypes(dtype: torch.dtype) -> Tuple[torch.dtype, tl.dtype]:
@@ -667,20 +639,14 @@ def _grad_rows(a_side, b_side, grad, coef, side, normalize, recon_temperature, c
     b, b_mask, (b_norm, b_lse, _, _), dy_b, dd_b = b_side
     B, n_a, D = a.shape
     t = plan.grad_rows
-    meta = _meta(_grad_rows_kernel, plan, D, a.dtype)
     grad_a = torch.empty_like(a)
-    out = grad_a if meta["FUSE_NORM"] else a.new_empty((B, n_a, D), dtype=torch.float32)
     grid = (B, triton.cdiv(n_a, t.block_a), triton.cdiv(D, t.block_dv))
     _grad_rows_kernel[grid](
         a, a_mask, a_norm, y_a, a_yn, a_lseg, a_lse, dy_a, dd_a,
         b, b_mask, b_norm, b_lse, dy_b, dd_b,
-        grad, coef, side, out, n_a, b.shape[1], D, int(normalize),
+        grad, coef, side, grad_a, n_a, b.shape[1], D, int(normalize),
         LOG2E / recon_temperature, LOG2E / contrast_temperature, 1.0 / recon_temperature, 1.0 / contrast_temperature,
-        **meta)
-    if not meta["FUSE_NORM"]:
-        _normalize_backward_kernel[(B, triton.cdiv(n_a, plan.rows.block_a))](
-            a, a_mask, a_norm, out, grad_a, n_a, D, int(normalize),
-            **_meta(_normalize_backward_kernel, plan, D, a.dtype))
+        **_meta(_grad_rows_kernel, plan, D, a.dtype))
     return grad_a
 
 
@@ -831,8 +797,6 @@ def _signatures(dtype: torch.dtype) -> Dict[str, Dict[str, str]]:
                               "b_lse_ptr": f32, "b_dy_ptr": dot, "b_dd_ptr": f32, "grad_ptr": f32, "coef_ptr": f32,
                               "side": "i32", "out_ptr": x, "n_a": "i32", "n_b": "i32", "D": "i32", "normalize": "i32",
                               "scale_r": "fp32", "scale_c": "fp32", "inv_tau_r": "fp32", "inv_tau_c": "fp32"},
-        "_normalize_backward_kernel": {"x_ptr": x, "mask_ptr": mask, "norm_ptr": f32, "da_ptr": f32, "out_ptr": x,
-                                       "n": "i32", "D": "i32", "normalize": "i32"},
     }
 
 
