@@ -111,6 +111,18 @@ def test_batch_without_words_is_zero():
 
 
 @needs_interpreter
+def test_sample_chunks_agree_with_one_pass(monkeypatch):
+    """Temporaries for one sample at a time (the batch in chunks) change no bit of the results."""
+    words, word_mask, patches, patch_mask = wpr_inputs(B=3, K=13, P=29, d=24, dtype=torch.float16)
+    seed_grad = torch.rand(3)
+    whole = run_wpr("triton", words, word_mask, patches, patch_mask, seed_grad)
+    monkeypatch.setenv("MULCLIP_TRITON_SCRATCH_ELEMENTS", "1")
+    chunked = run_wpr("triton", words, word_mask, patches, patch_mask, seed_grad)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@needs_interpreter
 def test_float64_runs_the_torch_path():
     words, word_mask, patches, patch_mask = wpr_inputs(B=2, K=7, P=11, d=16)
     seed_grad = torch.rand(2, dtype=torch.float64)

@@ -38,8 +38,11 @@ reconstruction columns of the other side, which share one recomputed tile of S. 
 calibration backward dX = (da - a (a . da)) / |X| (da / eps when |X| <= eps), zero where masked,
 in the same kernel: a_j . da_j needs no reduction over the width, since every term of da_j is a
 tile coefficient times a row whose inner product with a_j the tile already holds
-(a_j . r_i = tau_c G_ij, a_j . b_p = S_jp, a_j . dy~_p). Backward temporaries: y and dy of both
-sides (input-sized, in the dot dtype).
+(a_j . r_i = tau_c G_ij, a_j . b_p = S_jp, a_j . dy~_p).
+
+Temporaries: y of one side in the forward, y and dy of both sides in the backward, in the dot
+dtype, for a chunk of samples at a time (`DEFAULT_SCRATCH_ELEMENTS`, 128 MiB in 16 bits); the
+kernels take the chunk's first sample `b0`.
 
 The width d (padded with zero columns to a multiple of 16, so that Triton vectorises every row)
 is split two ways: contractions over d (S, G, dy . b) loop over `BLOCK_DK` chunks, and outputs
@@ -147,18 +150,20 @@ def _row_norm_kernel(x_ptr, mask_ptr, norm_ptr, n, D, normalize,
     tl.store(norm_ptr + i_b * n + o_r, tl.where(m_r, b_norm, 0.0), mask=o_r < n)
 
 
-@triton.jit(do_not_specialize=["n_a", "n_b"])
+@triton.jit(do_not_specialize=["b0", "n_a", "n_b"])
 def _recon_kernel(a_ptr, a_mask_ptr, a_norm_ptr, b_ptr, b_mask_ptr, b_norm_ptr, y_ptr, lse_ptr,
-                  n_a, n_b, D, scale,
+                  b0, n_a, n_b, D, scale,
                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                   DOT: tl.constexpr):
     """y = softmax_b(a b^T / tau_r) b for rows a, and lse2 = log2-sum-exp2 of S * scale per row.
 
     scale = log2(e) / tau_r. Online softmax over BLOCK_B column tiles; this program writes columns
     [i_d * BLOCK_DV, +BLOCK_DV) of y. A row with no valid column gets y = 0 and lse2 = 0 (finite,
-    unused). Grid (B, cdiv(n_a, BLOCK_A), cdiv(D, BLOCK_DV)).
+    unused). Samples b0 + program_id(0); y holds only this launch's samples.
+    Grid (samples, cdiv(n_a, BLOCK_A), cdiv(D, BLOCK_DV)).
     """
-    i_b = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(0).to(tl.int64)
+    i_b = b0 + i_s
     i_a, i_d = tl.program_id(1), tl.program_id(2)
     a_ptr += i_b * n_a * D
     b_ptr += i_b * n_b * D
@@ -186,25 +191,27 @@ def _recon_kernel(a_ptr, a_mask_ptr, a_norm_ptr, b_ptr, b_mask_ptr, b_norm_ptr, 
     m_some = b_l > 0
     b_y = b_y / tl.where(m_some, b_l, 1.0)[:, None]
     m_out = o_a < n_a
-    tl.store(y_ptr + i_b * n_a * D + o_a[:, None] * D + o_v[None, :], b_y.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + i_s * n_a * D + o_a[:, None] * D + o_v[None, :], b_y.to(y_ptr.dtype.element_ty),
              mask=m_out[:, None] & (o_v[None, :] < D))
     if i_d == 0:
         tl.store(lse_ptr + i_b * n_a + o_a, tl.where(m_some, b_m + tl.log2(tl.where(m_some, b_l, 1.0)), 0.0),
                  mask=m_out)
 
 
-@triton.jit(do_not_specialize=["n_a"])
-def _contrast_kernel(y_ptr, a_ptr, a_mask_ptr, a_norm_ptr, ce_ptr, lseg_ptr, yn_ptr, n_a, D, scale,
+@triton.jit(do_not_specialize=["b0", "n_a"])
+def _contrast_kernel(y_ptr, a_ptr, a_mask_ptr, a_norm_ptr, ce_ptr, lseg_ptr, yn_ptr, b0, n_a, D, scale,
                      BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_DK: tl.constexpr, DOT: tl.constexpr):
     """CE_i = lse_j G_ij - G_ii, G_ij = (y_i . a_j) / (max(|y_i|, eps) tau_c) over valid rows j.
 
     scale = log2(e) / tau_c. Writes CE (0 on masked rows), lse2 of G and |y| per row. Online
-    log-sum-exp over BLOCK_J tiles of the same side's rows. Grid (B, cdiv(n_a, BLOCK_A)).
+    log-sum-exp over BLOCK_J tiles of the same side's rows. Samples b0 + program_id(0), y holds
+    only this launch's samples. Grid (samples, cdiv(n_a, BLOCK_A)).
     """
-    i_b = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(0).to(tl.int64)
+    i_b = b0 + i_s
     o_i = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     a_ptr += i_b * n_a * D
-    y_ptr += i_b * n_a * D
+    y_ptr += i_s * n_a * D
     m_i = _row_valid(a_mask_ptr + i_b * n_a, o_i, n_a)
 
     b_ss = tl.zeros([BLOCK_A], dtype=tl.float32)
@@ -269,22 +276,24 @@ def _finalize_kernel(ce_w_ptr, word_mask_ptr, ce_p_ptr, patch_mask_ptr, loss_ptr
     tl.store(coef_ptr + 2 * i_b + 1, coef_p)
 
 
-@triton.jit(do_not_specialize=["side", "n_a"])
+@triton.jit(do_not_specialize=["side", "b0", "n_a"])
 def _contrast_backward_kernel(y_ptr, a_ptr, a_mask_ptr, a_norm_ptr, yn_ptr, lseg_ptr, grad_ptr, coef_ptr, side,
-                              dy_ptr, dd_ptr, n_a, D, scale, inv_tau,
+                              dy_ptr, dd_ptr, b0, n_a, D, scale, inv_tau,
                               BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_DK: tl.constexpr,
                               BLOCK_DV: tl.constexpr, DOT: tl.constexpr):
     """dy_i (columns of this program's chunk) and D_i = dy_i . y_i of one side.
 
     dG_ij = w (softmax_j(G_i) - delta_ij), dr_i = sum_j dG_ij a_j / tau_c, c_i = sum_j dG_ij G_ij,
     dy_i = (dr_i - r_i c_i) / |y_i| (dr_i / eps when |y_i| <= eps), D_i = 0 (c_i when |y_i| <= eps).
-    w = grad[b] * coef[b, side]; scale = log2(e) / tau_c, inv_tau = 1 / tau_c.
-    Grid (B, cdiv(n_a, BLOCK_A), cdiv(D, BLOCK_DV)).
+    w = grad[b] * coef[b, side]; scale = log2(e) / tau_c, inv_tau = 1 / tau_c. Samples
+    b0 + program_id(0); y, dy and D hold only this launch's samples.
+    Grid (samples, cdiv(n_a, BLOCK_A), cdiv(D, BLOCK_DV)).
     """
-    i_b = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(0).to(tl.int64)
+    i_b = b0 + i_s
     i_a, i_d = tl.program_id(1), tl.program_id(2)
     a_ptr += i_b * n_a * D
-    y_ptr += i_b * n_a * D
+    y_ptr += i_s * n_a * D
     o_i = i_a * BLOCK_A + tl.arange(0, BLOCK_A)
     o_v = i_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     m_i = _row_valid(a_mask_ptr + i_b * n_a, o_i, n_a)
@@ -313,16 +322,16 @@ def _contrast_backward_kernel(y_ptr, a_ptr, a_mask_ptr, a_norm_ptr, yn_ptr, lseg
     m_big = b_yn > _EPS
     b_dy = tl.where(m_big[:, None], b_dr - b_r * b_c[:, None], b_dr) / tl.maximum(b_yn, _EPS)[:, None]
     m_out = o_i < n_a
-    tl.store(dy_ptr + i_b * n_a * D + o_i[:, None] * D + o_v[None, :], b_dy.to(dy_ptr.dtype.element_ty),
+    tl.store(dy_ptr + i_s * n_a * D + o_i[:, None] * D + o_v[None, :], b_dy.to(dy_ptr.dtype.element_ty),
              mask=m_out[:, None] & (o_v[None, :] < D))
     if i_d == 0:
-        tl.store(dd_ptr + i_b * n_a + o_i, tl.where(m_big, 0.0, b_c), mask=m_out)
+        tl.store(dd_ptr + i_s * n_a + o_i, tl.where(m_big, 0.0, b_c), mask=m_out)
 
 
-@triton.jit(do_not_specialize=["side", "n_a", "n_b", "normalize"])
+@triton.jit(do_not_specialize=["side", "b0", "n_a", "n_b", "normalize"])
 def _grad_rows_kernel(a_ptr, a_mask_ptr, a_norm_ptr, a_y_ptr, a_yn_ptr, a_lseg_ptr, a_lse_ptr, a_dy_ptr, a_dd_ptr,
                       b_ptr, b_mask_ptr, b_norm_ptr, b_lse_ptr, b_dy_ptr, b_dd_ptr,
-                      grad_ptr, coef_ptr, side, out_ptr, n_a, n_b, D, normalize,
+                      grad_ptr, coef_ptr, side, out_ptr, b0, n_a, n_b, D, normalize,
                       scale_r, scale_c, inv_tau_r, inv_tau_c,
                       BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                       DOT: tl.constexpr):
@@ -335,15 +344,17 @@ def _grad_rows_kernel(a_ptr, a_mask_ptr, a_norm_ptr, a_y_ptr, a_yn_ptr, a_lseg_p
     dS_jp = A_jp (dy_j . b_p - D_j) / tau_r, dS~_pj = A~_pj (dy~_p . a_j - D~_p) / tau_r; A and A~
     come from one recomputed tile of S = a b^T with the saved log-sum-exps. Then the calibration
     backward, with a_j . da_j gathered from the same tiles; `out` gets dX in the input dtype.
-    scale_r/c = log2(e) / tau_r/c. Grid (B, cdiv(n_a, BLOCK_A), cdiv(D, BLOCK_DV)).
+    scale_r/c = log2(e) / tau_r/c. Samples b0 + program_id(0); y, dy and D (of both sides) hold
+    only this launch's samples. Grid (samples, cdiv(n_a, BLOCK_A), cdiv(D, BLOCK_DV)).
     """
-    i_b = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(0).to(tl.int64)
+    i_b = b0 + i_s
     i_a, i_d = tl.program_id(1), tl.program_id(2)
     a_ptr += i_b * n_a * D
-    a_y_ptr += i_b * n_a * D
-    a_dy_ptr += i_b * n_a * D
+    a_y_ptr += i_s * n_a * D
+    a_dy_ptr += i_s * n_a * D
     b_ptr += i_b * n_b * D
-    b_dy_ptr += i_b * n_b * D
+    b_dy_ptr += i_s * n_b * D
     a_mask_ptr += i_b * n_a
     b_mask_ptr += i_b * n_b
     o_j = i_a * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -376,13 +387,13 @@ def _grad_rows_kernel(a_ptr, a_mask_ptr, a_norm_ptr, a_y_ptr, a_yn_ptr, a_lseg_p
 
     # Both reconstructions through one tile of S: three contractions over D share the loads.
     b_lse_a = tl.load(a_lse_ptr + i_b * n_a + o_j, mask=m_j, other=0.0)
-    b_dd_a = tl.load(a_dd_ptr + i_b * n_a + o_j, mask=m_j, other=0.0)
+    b_dd_a = tl.load(a_dd_ptr + i_s * n_a + o_j, mask=m_j, other=0.0)
     for p0 in range(0, n_b, BLOCK_B):
         o_p = p0 + tl.arange(0, BLOCK_B)
         m_p = _row_valid(b_mask_ptr, o_p, n_b)
         b_ib = _inv_norm(b_norm_ptr + i_b * n_b, o_p, m_p)
         b_lse_b = tl.load(b_lse_ptr + i_b * n_b + o_p, mask=m_p, other=0.0)
-        b_dd_b = tl.load(b_dd_ptr + i_b * n_b + o_p, mask=m_p, other=0.0)
+        b_dd_b = tl.load(b_dd_ptr + i_s * n_b + o_p, mask=m_p, other=0.0)
         b_s = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)  # X_j . X_p
         b_dyb = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)  # dy_j . X_p
         b_adq = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)  # X_j . dy~_p
@@ -559,32 +570,46 @@ def _planes(stats: Tensor, B: int, n: int) -> List[Tensor]:
     return [stats[k, : B * n] for k in range(4)]
 
 
+# Elements of the y / dy temporaries that one pass over the batch may hold (128 MiB in 16 bits):
+# the batch runs in chunks of samples within it. MULCLIP_TRITON_SCRATCH_ELEMENTS overrides it.
+DEFAULT_SCRATCH_ELEMENTS = 1 << 26
+
+
+def _sample_chunks(B: int, elements_per_sample: int) -> List[Tuple[int, int]]:
+    """(start, stop) chunks of the batch whose temporaries stay within the budget (one sample at least)."""
+    budget = int(os.environ.get("MULCLIP_TRITON_SCRATCH_ELEMENTS", DEFAULT_SCRATCH_ELEMENTS))
+    step = max(1, budget // max(1, elements_per_sample))
+    return [(start, min(B, start + step)) for start in range(0, B, step)]
+
+
 def _row_norms(x: Tensor, mask: Tensor, out: Tensor, normalize: bool, plan: Plan) -> None:
     B, n, D = x.shape
     _row_norm_kernel[(B, triton.cdiv(n, plan.rows.block_a))](x, mask, out, n, D, int(normalize),
                                                               **_meta(_row_norm_kernel, plan, D, x.dtype))
 
 
-def _recon(a, a_mask, a_norm, b, b_mask, b_norm, lse_out, recon_temperature, plan) -> Tensor:
-    """y = softmax(S / tau_r) b for the rows of `a` (B, n_a, D) in the dot dtype; lse into lse_out."""
-    B, n_a, D = a.shape
+def _recon(a, a_mask, a_norm, b, b_mask, b_norm, lse_out, y, b0, recon_temperature, plan) -> None:
+    """y = softmax(S / tau_r) b for the rows of `a` of samples b0 .. b0 + len(y); lse into lse_out."""
+    _, n_a, D = a.shape
     t = plan.recon
-    y = a.new_empty((B, n_a, D), dtype=_dot_dtypes(a.dtype)[0])
-    grid = (B, triton.cdiv(n_a, t.block_a), triton.cdiv(D, t.block_dv))
-    _recon_kernel[grid](a, a_mask, a_norm, b, b_mask, b_norm, y, lse_out, n_a, b.shape[1], D,
+    grid = (y.shape[0], triton.cdiv(n_a, t.block_a), triton.cdiv(D, t.block_dv))
+    _recon_kernel[grid](a, a_mask, a_norm, b, b_mask, b_norm, y, lse_out, b0, n_a, b.shape[1], D,
                         LOG2E / recon_temperature, **_meta(_recon_kernel, plan, D, a.dtype))
-    return y
 
 
 def _forward_side(a, a_mask, a_planes, b, b_mask, b_norm, recon_temperature, contrast_temperature, plan) -> Tensor:
     """CE per row of side `a` (B, n_a) fp32; fills the lse(S), |y| and lse(G) planes of `a`."""
     B, n_a, D = a.shape
     norm, lse, yn, lseg = a_planes
-    y = _recon(a, a_mask, norm, b, b_mask, b_norm, lse, recon_temperature, plan)
     ce = a.new_empty((B, n_a), dtype=torch.float32)
-    _contrast_kernel[(B, triton.cdiv(n_a, plan.contrast.block_a))](
-        y, a, a_mask, norm, ce, lseg, yn, n_a, D, LOG2E / contrast_temperature,
-        **_meta(_contrast_kernel, plan, D, a.dtype))
+    chunks = _sample_chunks(B, n_a * D)
+    scratch = a.new_empty((chunks[0][1], n_a, D), dtype=_dot_dtypes(a.dtype)[0])
+    for start, stop in chunks:
+        y = scratch[: stop - start]
+        _recon(a, a_mask, norm, b, b_mask, b_norm, lse, y, start, recon_temperature, plan)
+        _contrast_kernel[(stop - start, triton.cdiv(n_a, plan.contrast.block_a))](
+            y, a, a_mask, norm, ce, lseg, yn, start, n_a, D, LOG2E / contrast_temperature,
+            **_meta(_contrast_kernel, plan, D, a.dtype))
     return ce
 
 
@@ -595,7 +620,7 @@ def wpr_forward(words: Tensor, word_mask: Tensor, patches: Tensor, patch_mask: T
 
     Returns (loss, word_stats, patch_stats, coef): the stats are (4, ~B*n) fp32 planes (see
     `_planes`) of |X|, base-2 lse of S / tau_r, |y| and base-2 lse of G per row; coef (B, 2) holds
-    dL_b / dCE of a row of each side.
+    dL_b / dCE of a row of each side. Temporaries: y of one side for a chunk of samples.
     """
     B, K, d = words.shape
     P = patches.shape[1]
@@ -619,42 +644,53 @@ def wpr_forward(words: Tensor, word_mask: Tensor, patches: Tensor, patch_mask: T
     return loss, word_stats, patch_stats, coef
 
 
-def _contrast_backward(y, a, a_mask, a_planes, grad, coef, side, contrast_temperature, plan) -> Tuple[Tensor, Tensor]:
-    """dy (B, n_a, D) in the dot dtype and D_i = dy_i . y_i (B, n_a) fp32 of one side."""
-    B, n_a, D = a.shape
-    norm, _, yn, lseg = a_planes
+@dataclass
+class _Side:
+    """One input and what the backward of its side has: saved planes, and for the current chunk
+    of samples the recomputed y, its gradient dy and D = dy . y."""
+
+    x: Tensor
+    mask: Tensor
+    planes: List[Tensor]
+    y: Tensor
+    dy: Tensor
+    dd: Tensor
+
+
+def _contrast_backward(s: _Side, grad, coef, side, b0, contrast_temperature, plan) -> None:
+    """s.dy and s.dd for samples b0 .. b0 + len(s.y) of one side."""
+    _, n_a, D = s.x.shape
+    norm, _, yn, lseg = s.planes
     t = plan.contrast_backward
-    dy = torch.empty_like(y)
-    dd = a.new_empty((B, n_a), dtype=torch.float32)
-    grid = (B, triton.cdiv(n_a, t.block_a), triton.cdiv(D, t.block_dv))
+    grid = (s.y.shape[0], triton.cdiv(n_a, t.block_a), triton.cdiv(D, t.block_dv))
     _contrast_backward_kernel[grid](
-        y, a, a_mask, norm, yn, lseg, grad, coef, side, dy, dd, n_a, D,
-        LOG2E / contrast_temperature, 1.0 / contrast_temperature, **_meta(_contrast_backward_kernel, plan, D, a.dtype))
-    return dy, dd
+        s.y, s.x, s.mask, norm, yn, lseg, grad, coef, side, s.dy, s.dd, b0, n_a, D,
+        LOG2E / contrast_temperature, 1.0 / contrast_temperature, **_meta(_contrast_backward_kernel, plan, D, s.x.dtype))
 
 
-def _grad_rows(a_side, b_side, grad, coef, side, normalize, recon_temperature, contrast_temperature, plan) -> Tensor:
-    """Gradient (B, n_a, D) in a's dtype of the loss with respect to input `a`."""
-    a, a_mask, (a_norm, a_lse, a_yn, a_lseg), y_a, dy_a, dd_a = a_side
-    b, b_mask, (b_norm, b_lse, _, _), dy_b, dd_b = b_side
-    B, n_a, D = a.shape
+def _grad_rows(a: _Side, b: _Side, grad, coef, side, out, b0, normalize, recon_temperature, contrast_temperature,
+               plan) -> None:
+    """Rows of `out` (a's gradient, a's dtype) of samples b0 .. b0 + len(a.y)."""
+    _, n_a, D = a.x.shape
+    a_norm, a_lse, a_yn, a_lseg = a.planes
     t = plan.grad_rows
-    grad_a = torch.empty_like(a)
-    grid = (B, triton.cdiv(n_a, t.block_a), triton.cdiv(D, t.block_dv))
+    grid = (a.y.shape[0], triton.cdiv(n_a, t.block_a), triton.cdiv(D, t.block_dv))
     _grad_rows_kernel[grid](
-        a, a_mask, a_norm, y_a, a_yn, a_lseg, a_lse, dy_a, dd_a,
-        b, b_mask, b_norm, b_lse, dy_b, dd_b,
-        grad, coef, side, grad_a, n_a, b.shape[1], D, int(normalize),
+        a.x, a.mask, a_norm, a.y, a_yn, a_lseg, a_lse, a.dy, a.dd,
+        b.x, b.mask, b.planes[0], b.planes[1], b.dy, b.dd,
+        grad, coef, side, out, b0, n_a, b.x.shape[1], D, int(normalize),
         LOG2E / recon_temperature, LOG2E / contrast_temperature, 1.0 / recon_temperature, 1.0 / contrast_temperature,
-        **_meta(_grad_rows_kernel, plan, D, a.dtype))
-    return grad_a
+        **_meta(_grad_rows_kernel, plan, D, a.x.dtype))
 
 
 def wpr_backward(grad_loss: Tensor, words: Tensor, word_mask: Tensor, patches: Tensor, patch_mask: Tensor,
                  word_stats: Tensor, patch_stats: Tensor, coef: Tensor, recon_temperature: float,
                  contrast_temperature: float, normalize_inputs: bool,
                  plan: Optional[Plan] = None) -> Tuple[Tensor, Tensor]:
-    """Gradients of sum_b grad_loss[b] * loss[b] for words and patches, from the saved statistics."""
+    """Gradients of sum_b grad_loss[b] * loss[b] for words and patches, from the saved statistics.
+
+    Temporaries: y and dy of both sides (input dtype) for a chunk of samples.
+    """
     B, K, d = words.shape
     P = patches.shape[1]
     D = padded_width(d)
@@ -662,20 +698,30 @@ def wpr_backward(grad_loss: Tensor, words: Tensor, word_mask: Tensor, patches: T
     word_mask, patch_mask = word_mask.contiguous(), patch_mask.contiguous()
     grad = grad_loss.contiguous().to(torch.float32)
     plan = plan or default_plan(D, words.dtype)
-    word_planes, patch_planes = _planes(word_stats, B, K), _planes(patch_stats, B, P)
+    grad_words, grad_patches = torch.empty_like(words), torch.empty_like(patches)
+    chunks = _sample_chunks(B, 2 * (K + P) * D)
+    scratch = dict(dtype=_dot_dtypes(words.dtype)[0])
+    size = chunks[0][1]
+    w = _Side(words, word_mask, _planes(word_stats, B, K), words.new_empty((size, K, D), **scratch),
+              words.new_empty((size, K, D), **scratch), words.new_empty((size, K), dtype=torch.float32))
+    p = _Side(patches, patch_mask, _planes(patch_stats, B, P), words.new_empty((size, P, D), **scratch),
+              words.new_empty((size, P, D), **scratch), words.new_empty((size, P), dtype=torch.float32))
     # y is recomputed with the forward's kernel and blocks, so it matches the saved |y| and lse(G)
     # bit for bit; its lse output equals the saved one and goes to a throwaway buffer.
-    y_w = _recon(words, word_mask, word_planes[0], patches, patch_mask, patch_planes[0],
-                 torch.empty_like(word_planes[1]), recon_temperature, plan)
-    y_p = _recon(patches, patch_mask, patch_planes[0], words, word_mask, word_planes[0],
-                 torch.empty_like(patch_planes[1]), recon_temperature, plan)
-    dy_w, dd_w = _contrast_backward(y_w, words, word_mask, word_planes, grad, coef, 0, contrast_temperature, plan)
-    dy_p, dd_p = _contrast_backward(y_p, patches, patch_mask, patch_planes, grad, coef, 1, contrast_temperature, plan)
-    words_side = (words, word_mask, word_planes, y_w, dy_w, dd_w)
-    patches_side = (patches, patch_mask, patch_planes, y_p, dy_p, dd_p)
+    lse_w, lse_p = torch.empty_like(w.planes[1]), torch.empty_like(p.planes[1])
     options = (normalize_inputs, recon_temperature, contrast_temperature, plan)
-    grad_words = _grad_rows(words_side, (patches, patch_mask, patch_planes, dy_p, dd_p), grad, coef, 0, *options)
-    grad_patches = _grad_rows(patches_side, (words, word_mask, word_planes, dy_w, dd_w), grad, coef, 1, *options)
+    for start, stop in chunks:
+        n = stop - start
+        wc = _Side(words, word_mask, w.planes, w.y[:n], w.dy[:n], w.dd[:n])
+        pc = _Side(patches, patch_mask, p.planes, p.y[:n], p.dy[:n], p.dd[:n])
+        _recon(words, word_mask, w.planes[0], patches, patch_mask, p.planes[0], lse_w, wc.y, start,
+               recon_temperature, plan)
+        _recon(patches, patch_mask, p.planes[0], words, word_mask, w.planes[0], lse_p, pc.y, start,
+               recon_temperature, plan)
+        _contrast_backward(wc, grad, coef, 0, start, contrast_temperature, plan)
+        _contrast_backward(pc, grad, coef, 1, start, contrast_temperature, plan)
+        _grad_rows(wc, pc, grad, coef, 0, grad_words, start, *options)
+        _grad_rows(pc, wc, grad, coef, 1, grad_patches, start, *options)
     if D != d:
         grad_words, grad_patches = grad_words[..., :d].contiguous(), grad_patches[..., :d].contiguous()
     return grad_words, grad_patches
@@ -784,18 +830,19 @@ def _signatures(dtype: torch.dtype) -> Dict[str, Dict[str, str]]:
     return {
         "_row_norm_kernel": {"x_ptr": x, "mask_ptr": mask, "norm_ptr": f32, "n": "i32", "D": "i32", "normalize": "i32"},
         "_recon_kernel": {**side_a, "b_ptr": x, "b_mask_ptr": mask, "b_norm_ptr": f32, "y_ptr": dot, "lse_ptr": f32,
-                          "n_a": "i32", "n_b": "i32", "D": "i32", "scale": "fp32"},
-        "_contrast_kernel": {"y_ptr": dot, **side_a, "ce_ptr": f32, "lseg_ptr": f32, "yn_ptr": f32,
+                          "b0": "i32", "n_a": "i32", "n_b": "i32", "D": "i32", "scale": "fp32"},
+        "_contrast_kernel": {"y_ptr": dot, **side_a, "ce_ptr": f32, "lseg_ptr": f32, "yn_ptr": f32, "b0": "i32",
                              "n_a": "i32", "D": "i32", "scale": "fp32"},
         "_finalize_kernel": {"ce_w_ptr": f32, "word_mask_ptr": mask, "ce_p_ptr": f32, "patch_mask_ptr": mask,
                              "loss_ptr": f32, "coef_ptr": f32, "K": "i32", "P": "i32"},
         "_contrast_backward_kernel": {"y_ptr": dot, **side_a, "yn_ptr": f32, "lseg_ptr": f32, "grad_ptr": f32,
-                                      "coef_ptr": f32, "side": "i32", "dy_ptr": dot, "dd_ptr": f32, "n_a": "i32",
+                                      "coef_ptr": f32, "side": "i32", "dy_ptr": dot, "dd_ptr": f32, "b0": "i32",
+                                      "n_a": "i32",
                                       "D": "i32", "scale": "fp32", "inv_tau": "fp32"},
         "_grad_rows_kernel": {**side_a, "a_y_ptr": dot, "a_yn_ptr": f32, "a_lseg_ptr": f32, "a_lse_ptr": f32,
                               "a_dy_ptr": dot, "a_dd_ptr": f32, "b_ptr": x, "b_mask_ptr": mask, "b_norm_ptr": f32,
                               "b_lse_ptr": f32, "b_dy_ptr": dot, "b_dd_ptr": f32, "grad_ptr": f32, "coef_ptr": f32,
-                              "side": "i32", "out_ptr": x, "n_a": "i32", "n_b": "i32", "D": "i32", "normalize": "i32",
+                              "side": "i32", "out_ptr": x, "b0": "i32", "n_a": "i32", "n_b": "i32", "D": "i32", "normalize": "i32",
                               "scale_r": "fp32", "scale_c": "fp32", "inv_tau_r": "fp32", "inv_tau_c": "fp32"},
     }
 
