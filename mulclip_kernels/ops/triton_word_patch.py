@@ -54,8 +54,11 @@ inputs use IEEE fp32 dots (`input_precision="ieee"`, never TF32). Under the Trit
 bf16 arithmetic is wrong, so bf16 is converted to fp32 on load there. Softmaxes run in base 2
 with log2(e) folded into the scale. Masked rows are never read (masked loads return 0, so even
 NaN padding cannot leak), and every probability of a masked pair is set with `tl.where`.
-Float64 inputs go to the "torch" backend (the kernels accumulate in fp32).
+Float64 inputs go to the "torch" backend (the kernels accumulate in fp32). The calibration is
+folded into the tiles (coefficients times 1 / |X| against the raw rows), so fp16 inputs whose
+rows have a norm below about 2e-5 would overflow those coefficients; bf16 and fp32 cannot.
 """
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -65,6 +68,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 from ..reference import EPS
 from . import torch_word_patch
@@ -74,14 +78,6 @@ LN2 = math.log(2.0)
 _EPS = tl.constexpr(EPS)
 _LN2 = tl.constexpr(LN2)
 _NEG_BIG = tl.constexpr(-1e30)  # finite start of running maxima: exp2(m_old - m_new) never sees inf - inf
-
-
-def _interpreting() -> bool:
-    """Whether `@triton.jit` built interpreter functions when this module was imported."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_INTERPRETED = _interpreting()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,6 +426,9 @@ def _grad_rows_kernel(a_ptr, a_mask_ptr, a_norm_ptr, a_y_ptr, a_yn_ptr, a_lseg_p
 # Host side: block sizes, launches
 # ----------------------------------------------------------------------------------------------
 
+# `@triton.jit` built interpreter functions (CPU tensors only) if TRITON_INTERPRET=1 at import.
+_INTERPRETED = isinstance(_recon_kernel, InterpretedFunction)
+
 
 def _pow2(n: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(n))
@@ -442,8 +441,8 @@ class Tiles:
     block_a: rows per program; block_b: the streamed tile (columns, or rows of the same side);
     block_dk: chunk of a contraction over d; block_dv: chunk of an output row of width d per
     program (covering d avoids recomputing the tile contractions once per chunk).
-    For the row-wise kernels (norms, calibration backward, finalize) block_a is the rows per
-    program and block_b the finalize chunk.
+    For the row-wise kernels (norms, finalize) block_a is the rows per program and block_b the
+    finalize chunk.
     """
 
     block_a: int
@@ -526,10 +525,9 @@ def _meta(kernel, plan: Plan, D: int, dtype: torch.dtype) -> dict:
     return dict(meta, num_warps=t.num_warps, num_stages=t.num_stages)
 
 
-def _launches(plan: Plan, D: int) -> list:
-    """The kernels one forward and backward launch (the same for every plan and width)."""
-    return [_row_norm_kernel, _recon_kernel, _contrast_kernel, _finalize_kernel, _contrast_backward_kernel,
-            _grad_rows_kernel]
+# Every kernel one forward and backward launch, whatever the plan and width.
+_KERNELS = (_row_norm_kernel, _recon_kernel, _contrast_kernel, _finalize_kernel, _contrast_backward_kernel,
+            _grad_rows_kernel)
 
 
 def _dot_dtypes(dtype: torch.dtype) -> Tuple[torch.dtype, tl.dtype]:
@@ -580,6 +578,11 @@ def _sample_chunks(B: int, elements_per_sample: int) -> List[Tuple[int, int]]:
     budget = int(os.environ.get("MULCLIP_TRITON_SCRATCH_ELEMENTS", DEFAULT_SCRATCH_ELEMENTS))
     step = max(1, budget // max(1, elements_per_sample))
     return [(start, min(B, start + step)) for start in range(0, B, step)]
+
+
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU (Triton launches on the current device), a no-op on CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _row_norms(x: Tensor, mask: Tensor, out: Tensor, normalize: bool, plan: Plan) -> None:
@@ -737,8 +740,9 @@ def word_patch_reconstruction_forward(words: Tensor, word_mask: Tensor, patches:
                                       recon_temperature: float, contrast_temperature: float,
                                       normalize_inputs: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-sample loss (B,) and the O(B(K+P)) statistics that backward reads (see `wpr_forward`)."""
-    return wpr_forward(words, word_mask, patches, patch_mask, recon_temperature, contrast_temperature,
-                       normalize_inputs)
+    with _on_device(words.device):
+        return wpr_forward(words, word_mask, patches, patch_mask, recon_temperature, contrast_temperature,
+                           normalize_inputs)
 
 
 @word_patch_reconstruction_forward.register_fake
@@ -756,8 +760,9 @@ def word_patch_reconstruction_backward(grad_loss: Tensor, words: Tensor, word_ma
                                        recon_temperature: float, contrast_temperature: float,
                                        normalize_inputs: bool) -> Tuple[Tensor, Tensor]:
     """Gradients for words and patches of sum(grad_loss * loss), recomputing from the statistics."""
-    return wpr_backward(grad_loss, words, word_mask, patches, patch_mask, word_stats, patch_stats, coef,
-                        recon_temperature, contrast_temperature, normalize_inputs)
+    with _on_device(words.device):
+        return wpr_backward(grad_loss, words, word_mask, patches, patch_mask, word_stats, patch_stats, coef,
+                            recon_temperature, contrast_temperature, normalize_inputs)
 
 
 @word_patch_reconstruction_backward.register_fake
@@ -861,7 +866,7 @@ def aot_kernel_configs(max_width: int = 1024) -> List[dict]:
         signatures = _signatures(dtype)
         for D in range(16, padded_width(max_width) + 1, 16):
             plan = gpu_plan(D, dtype)
-            for fn in _launches(plan, D):
+            for fn in _KERNELS:
                 meta = _meta(fn, plan, D, dtype)
                 options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
                 signature = {**signatures[fn.__name__], **{key: "constexpr" for key in meta}}
