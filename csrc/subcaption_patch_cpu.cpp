@@ -6,9 +6,10 @@
 // - Calibration first: the subcaptions and patches are copied once into the accumulation
 //   dtype (float32, float64 for float64 inputs), L2-normalised, masked rows zeroed. Masked
 //   rows are never read from the inputs, so NaN padding cannot leak.
-// - Similarities come in tiles from the CPU BLAS (at::mm), one tile of at most kTileElements
-//   per task, and are consumed at once by the streaming top-k: nothing of size B*M*P or N*B*P
-//   is ever allocated. The BLAS is what makes this faster than a hand-written dot loop.
+// - Similarities come in tiles, one tile of at most kTileElements per task, from the CPU BLAS
+//   (at::mm; small tiles from dot products, see similarity_tile), and are consumed at once by
+//   the streaming top-k: nothing of size B*M*P or N*B*P is ever allocated. The BLAS is what
+//   makes this faster than a hand-written dot loop.
 // - Everything after the similarity (top-k, softmax, aggregation, norms, backward) is the
 //   header's per-row code, in loops over d that the compiler vectorises.
 // - Backward never recomputes a similarity: it reads the saved indices and sigma (and rho for
@@ -36,7 +37,9 @@ using at::Tensor;
 constexpr int64_t kTileElements = 1 << 16;
 // Multiply-adds below which a parallel loop stays on one thread: waking OpenMP threads costs
 // more than small work, and far more when the cores are shared.
-constexpr int64_t kGrainWork = 1 << 18;
+constexpr int64_t kGrainWork = 1 << 20;
+// Multiply-adds of a similarity tile from which the BLAS beats plain dot products.
+constexpr int64_t kBlasWork = 1 << 18;
 
 int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_item));
@@ -140,6 +143,32 @@ void axpy2(A a, const A* x, A b, const A* z, A* y, int64_t d) {
   for (int64_t i = 0; i < d; ++i) y[i] += a * x[i] + b * z[i];
 }
 
+// Similarities of `rows` calibrated rows u against the P patches v of one image, (rows, P)
+// row-major. Large tiles go to the CPU BLAS. Small ones, where waking the BLAS threads costs
+// more than the product, use dot products four patches at a time; the last group repeats its
+// last patch so that every similarity comes from the same code and identical patches tie
+// exactly.
+template <typename A>
+const A* similarity_tile(const Tensor& u, const Tensor& v, Tensor& tile, std::vector<A>& buffer) {
+  const int64_t rows = u.size(0), P = v.size(0), d = v.size(1);
+  if (rows * P * d >= kBlasWork) {
+    tile = at::mm(u, v.t()).contiguous();
+    return tile.data_ptr<A>();
+  }
+  buffer.resize(rows * P);
+  const A *u_data = u.data_ptr<A>(), *v_data = v.data_ptr<A>();
+  int idx[4];
+  A out[4];
+  for (int64_t p0 = 0; p0 < P; p0 += 4) {
+    for (int q = 0; q < 4; ++q) idx[q] = static_cast<int>(std::min(p0 + q, P - 1));
+    for (int64_t n = 0; n < rows; ++n) {
+      dot_rows(u_data + n * d, v_data, idx, 4, d, out);
+      for (int64_t q = 0; q < 4 && p0 + q < P; ++q) buffer[n * P + p0 + q] = out[q];
+    }
+  }
+  return buffer.data();
+}
+
 // Calibrated rows in the accumulation dtype (masked rows zero) and the norms of the raw rows.
 template <typename T, typename A>
 void calibrate(const Tensor& x, const bool* mask, bool normalize, Tensor& out, Tensor& norms) {
@@ -202,10 +231,10 @@ std::vector<Tensor> align_forward_impl(const Tensor& sub, const Tensor& patches,
   const A temperature = static_cast<A>(tau);
 
   at::parallel_for(0, B, grain(M * P * d), [&](int64_t begin, int64_t end) {
-    std::vector<A> w(k), r(d);
+    std::vector<A> w(k), r(d), buffer;
     for (int64_t b = begin; b < end; ++b) {
-      const Tensor tile = at::mm(u[b], v[b].t()).contiguous();  // (M, P)
-      const A* sim = tile.data_ptr<A>();
+      Tensor tile;
+      const A* sim = similarity_tile(u[b], v[b], tile, buffer);  // (M, P)
       const A* vb = v_data + b * P * d;
       for (int64_t m = 0; m < M; ++m) {
         const int64_t row = b * M + m;
@@ -313,11 +342,11 @@ std::vector<Tensor> scores_forward_impl(const Tensor& sub, const Tensor& patches
   const int64_t tile_rows = std::min<int64_t>(N, std::max<int64_t>(1, kTileElements / P));
   const int64_t tiles = (N + tile_rows - 1) / tile_rows;
   at::parallel_for(0, B * tiles, grain(tile_rows * P * d), [&](int64_t begin, int64_t end) {
-    std::vector<A> w(k), r(d);
+    std::vector<A> w(k), r(d), buffer;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles, n0 = (task % tiles) * tile_rows, rows = std::min(tile_rows, N - n0);
-      const Tensor tile = at::mm(u.narrow(0, n0, rows), v[b].t()).contiguous();  // (rows, P)
-      const A* sim = tile.data_ptr<A>();
+      Tensor tile;
+      const A* sim = similarity_tile(u.narrow(0, n0, rows), v[b], tile, buffer);  // (rows, P)
       const A* vb = v_data + b * P * d;
       for (int64_t n = n0; n < n0 + rows; ++n) {
         const int64_t row = n * B + b;

@@ -148,20 +148,27 @@ def test_exact_ties_go_to_the_lower_index(k):
     assert cross_index[0, 0].tolist() == chosen
 
 
-def test_ties_between_duplicated_patches_match_the_reference_indices():
-    """Duplicated random patches tie exactly only where the BLAS rounds every column alike, which
-    MKL does in float32 here; in float64 it rounds a column at the edge of a tile differently
-    (torch's bmm as well), so float64 ties are tested with exact dyadic dot products above."""
-    subcaptions, patches, _, patch_mask = sap_inputs(B=2, M=4, P=16, d=12, dtype=torch.float32)
+@pytest.mark.parametrize("dtype, shape", [
+    pytest.param(torch.float64, dict(B=2, M=4, P=16, d=12), id="float64-dot-products"),
+    pytest.param(torch.float32, dict(B=2, M=4, P=16, d=12), id="float32-dot-products"),
+    pytest.param(torch.float32, dict(B=2, M=8, P=67, d=512), id="float32-blas"),
+])
+def test_ties_between_duplicated_patches_match_the_reference_indices(dtype, shape):
+    """Duplicated random patches tie exactly. Small similarity tiles come from the extension's
+    own dot products, which round identical patches alike in any dtype; large ones from the BLAS,
+    which MKL rounds alike in float32 (in float64 it may not, at the edge of a tile, torch's bmm
+    as well)."""
+    subcaptions, patches, _, patch_mask = sap_inputs(dtype=dtype, **shape)
+    P = shape["P"]
     patches = patches.clone()
     patches[:, 9] = patches[:, 3]
-    patches[:, 14] = patches[:, 3]
-    all_subcaptions = torch.ones(2, 4, dtype=torch.bool)
+    patches[:, P - 2] = patches[:, 3]
+    all_subcaptions = torch.ones(shape["B"], shape["M"], dtype=torch.bool)
     for k in (1, 4, 8):
         _, index, _ = cpp._OPS.align_forward(subcaptions, patches, k, all_subcaptions, patch_mask, 0.05, True)
         u, v = reference.normalize(subcaptions.double()), reference.normalize(patches.double())
         sigma = u @ v.transpose(1, 2)
-        sigma[..., 9] = sigma[..., 14] = sigma[..., 3]  # exact ties, however the bmm rounds
+        sigma[..., 9] = sigma[..., P - 2] = sigma[..., 3]  # exact ties, however the bmm rounds
         sigma = sigma.masked_fill(~patch_mask[:, None], float("-inf"))
         assert torch.equal(index.long(), reference.topk_lower_index(sigma, k)), k
 
