@@ -67,6 +67,8 @@ class Result:
     stack_bytes: int
     shared_bytes: int
     shared_limit: int
+    mma_instructions: int  # tensor-core instructions in the PTX (mma / wgmma)
+    tf32_instructions: int  # of which take TF32 operands: fp32 dots that are not IEEE
 
     @property
     def ok(self) -> bool:
@@ -134,10 +136,13 @@ def compile_entry(module: str, index: int, capability: int) -> Result:
     source = ASTSource(fn=fn, signature=signature, constexprs=entry["constexprs"], attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]})
-    registers, stores, loads, stack = _ptxas_report(compiled.asm["ptx"], arch)
+    ptx = compiled.asm["ptx"]
+    registers, stores, loads, stack = _ptxas_report(ptx, arch)
+    mma = [line for line in ptx.splitlines() if re.match(r"\s*(wgmma\.mma_async|mma\.sync)", line)]
     return Result(module=module, kernel=entry["name"], arch=capability, dtype=entry_dtype(signature),
                   config=entry_config(entry), registers=registers, spill_stores=stores, spill_loads=loads,
-                  stack_bytes=stack, shared_bytes=int(compiled.metadata.shared), shared_limit=arch.shared_limit)
+                  stack_bytes=stack, shared_bytes=int(compiled.metadata.shared), shared_limit=arch.shared_limit,
+                  mma_instructions=len(mma), tf32_instructions=sum(".tf32" in line for line in mma))
 
 
 def _compile_task(task):

@@ -54,6 +54,17 @@ def test_every_word_patch_kernel_for_every_arch_and_dtype(compiled):
         assert ("_finalize_kernel", arch.capability, "fp32") in seen
 
 
+def test_fp32_dots_are_ieee_and_16_bit_dots_use_tensor_cores(compiled):
+    """No TF32 tensor-core instruction in any kernel; the 16-bit WPR kernels with dots do use them."""
+    results, _ = compiled
+    for r in results["results"]:
+        assert r["tf32_instructions"] == 0, f"{r['kernel']} sm_{r['arch']} {r['dtype']} runs TF32 dots"
+    dot_kernels = {"_recon_kernel", "_contrast_kernel", "_contrast_backward_kernel", "_grad_rows_kernel"}
+    for r in results["results"]:
+        if r["module"] == "mulclip_kernels.ops.triton_word_patch" and r["kernel"] in dot_kernels:
+            assert (r["mma_instructions"] > 0) == (r["dtype"] != "fp32"), (r["kernel"], r["arch"], r["dtype"])
+
+
 def test_committed_table_is_current(compiled):
     _, table = compiled
     assert TABLE.read_text() == table, (
