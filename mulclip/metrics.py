@@ -204,25 +204,33 @@ def paired_subcaption_scores(
     patch_mask: Optional[torch.Tensor] = None,
     temperature: float = 0.05,
     backend: str = "auto",
+    groups: Optional[int] = None,
 ) -> torch.Tensor:
-    """`mean_m s(n_m, b)` of each caption against its own image only: the diagonal of `mean_subcaption_scores`.
+    """`mean_n s(n, b)` of captions against their own image only: the diagonal of `mean_subcaption_scores`.
 
     Uses `subcaption_patch_align` (regions of each caption's subcaptions in its own image), so
     it costs O(B M P) instead of O(B^2 M P); `s = u . norm(region)`.
 
     Args:
         subcaptions: (B, M, d); subcaption_mask: (B, M) bool; patches: (B, P, d), row b the
-            image of caption b. A caption with no valid subcaption scores 0.
+            image of the captions in row b. A caption with no valid subcaption scores 0.
+        groups: None: row b holds one caption's subcaptions. G: row b holds G captions of
+            image b, M / G subcaption slots each, in order (e.g. an image's hard negatives).
 
     Returns:
-        (B,) float32.
+        (B,) float32, or (B, G) with `groups`.
     """
+    B, M, _ = subcaptions.shape
+    G = groups or 1
+    if M % G:
+        raise ValueError(f"{M} subcaption slots do not split into {G} groups")
     subcaptions = subcaptions.float()
     regions = subcaption_patch_align(subcaptions, patches.float(), k, subcaption_mask=subcaption_mask,
                                      patch_mask=patch_mask, temperature=temperature, backend=backend)
     cos = (F.normalize(subcaptions, dim=-1, eps=1e-6) * F.normalize(regions.float(), dim=-1, eps=1e-6)).sum(-1)
-    cos = cos.masked_fill(~subcaption_mask, 0.0)
-    return cos.sum(dim=1) / subcaption_mask.sum(dim=1).clamp_min(1)
+    cos = cos.masked_fill(~subcaption_mask, 0.0).view(B, G, M // G)
+    mean = cos.sum(dim=2) / subcaption_mask.view(B, G, M // G).sum(dim=2).clamp_min(1)
+    return mean if groups else mean[:, 0]
 
 
 def rerank(global_scores: torch.Tensor, fine_scores: torch.Tensor, beta: float) -> torch.Tensor:

@@ -177,3 +177,21 @@ def test_mean_subcaption_scores_chunks_and_paired_diagonal():
     paired = metrics.paired_subcaption_scores(subcaptions, mask, patches, 4, patch_mask=patch_mask, temperature=0.1,
                                               backend="torch")
     torch.testing.assert_close(paired, whole.diagonal(), rtol=1e-5, atol=1e-6)
+
+
+def test_paired_subcaption_scores_in_groups():
+    g = torch.Generator().manual_seed(4)
+    B, G, M, P, d = 3, 2, 3, 9, 6
+    subcaptions = torch.randn(B, G * M, d, generator=g)
+    mask = torch.rand(B, G * M, generator=g) < 0.6
+    mask[1, :M] = False  # image 1's first caption has no subcaption: scores 0
+    mask[:, M] = True
+    patches = torch.randn(B, P, d, generator=g)
+    grouped = metrics.paired_subcaption_scores(subcaptions, mask, patches, 3, backend="torch", groups=G)
+    assert grouped.shape == (B, G) and grouped[1, 0] == 0
+    for j in range(G):
+        alone = metrics.paired_subcaption_scores(subcaptions[:, j * M:(j + 1) * M], mask[:, j * M:(j + 1) * M],
+                                                 patches, 3, backend="torch")
+        torch.testing.assert_close(grouped[:, j], alone)
+    with pytest.raises(ValueError, match="groups"):
+        metrics.paired_subcaption_scores(subcaptions, mask, patches, 3, backend="torch", groups=4)
