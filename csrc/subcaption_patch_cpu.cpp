@@ -6,10 +6,10 @@
 // - Calibration first: the subcaptions and patches are copied once into the accumulation
 //   dtype (float32, float64 for float64 inputs), L2-normalised, masked rows zeroed. Masked
 //   rows are never read from the inputs, so NaN padding cannot leak.
-// - Similarities come in tiles, one tile of at most kTileElements per task, from the CPU BLAS
-//   (at::mm; small tiles from dot products, see similarity_tile), and are consumed at once by
-//   the streaming top-k: nothing of size B*M*P or N*B*P is ever allocated. The BLAS is what
-//   makes this faster than a hand-written dot loop.
+// - Similarities come in tiles, one per task (paired: one image's (M, P); cross: at most
+//   kTileElements), from the CPU BLAS (at::mm; small tiles from dot products, see
+//   similarity_tile), and are consumed at once by the streaming top-k: nothing of size B*M*P
+//   or N*B*P is ever allocated. The BLAS is what makes this faster than a hand-written dot loop.
 // - Everything after the similarity (top-k, softmax, aggregation, norms, backward) is the
 //   header's per-row code, in loops over d that the compiler vectorises.
 // - Backward never recomputes a similarity: it reads the saved indices and sigma (and rho for
