@@ -238,10 +238,10 @@ def _subcaptions(captions: Sequence[str], max_subcaptions: int):
 
 
 def _padded_subcaptions(features: torch.Tensor, owner: torch.Tensor, groups: int):
-    """(groups, M, d) features and (groups, M) mask from flat per-subcaption features and their owners."""
+    """(groups, M, d) features and (groups, M) mask from flat subcaption features and their (sorted) owners."""
     counts = torch.bincount(owner, minlength=groups)
     M = max(1, int(counts.max())) if owner.numel() else 1
-    slot = torch.arange(owner.numel()) - torch.cumsum(counts, 0).sub(counts)[owner]
+    slot = torch.arange(owner.numel()) - (torch.cumsum(counts, 0) - counts)[owner]
     padded = torch.zeros((groups, M, features.shape[-1]))
     mask = torch.zeros((groups, M), dtype=torch.bool)
     padded[owner, slot] = features
@@ -270,7 +270,6 @@ def evaluate_retrieval(encoder: Encoder, data: eval_data.RetrievalData, device: 
     sap = dict(k=k, temperature=encoder.sap_temperature, backend=args.ops) if betas else {}
     results: Dict[str, float] = {"num_images": images.shape[0]}
     reranked: Dict[str, float] = {}  # listed after the global metrics
-    fine_long = None
     for name, captions in data.caption_sets.items():
         context = encoder.context_length if name == "long" else min(SHORT_CONTEXT, encoder.context_length)
         texts = encode_texts(encoder, captions.captions, context, device, autocast, args.batch_size, f"{name} captions")
@@ -286,8 +285,6 @@ def evaluate_retrieval(encoder: Encoder, data: eval_data.RetrievalData, device: 
         sub_features = encode_texts(encoder, subs, min(SHORT_CONTEXT, encoder.context_length), device, autocast,
                                     args.batch_size, f"{name} subcaptions")
         fine = metrics.mean_subcaption_scores(sub_features, owner, len(captions.captions), patches, **sap)
-        if name == "long":
-            fine_long = fine
         for beta in betas:
             scores = metrics.rerank(similarity, fine, beta)
             reranked.update({f"rerank{beta:g}/{name}/{key}": v
@@ -307,19 +304,20 @@ def evaluate_retrieval(encoder: Encoder, data: eval_data.RetrievalData, device: 
         negative = torch.einsum("id,ind->in", image_n, F.normalize(negatives, dim=-1))
         results["hard_negative_accuracy"] = metrics.hard_negative_accuracy(positive, negative)
         if betas:
+            # Each image's own long caption (group 0) and its negatives (groups 1..n) against that image.
+            captions = [[long] + neg for long, neg in zip(data.caption_sets["long"].captions, data.negatives)]
+            flat = [text for group in captions for text in group]
             subs, owner = _subcaptions(flat, args.max_subcaptions)
             sub_features = encode_texts(encoder, subs, min(SHORT_CONTEXT, encoder.context_length), device, autocast,
-                                        args.batch_size, "negative subcaptions")
-            # Group negative j of image i as caption i*n + j, then lay the groups out per image.
+                                        args.batch_size, "hard-negative subcaptions")
             padded, mask = _padded_subcaptions(sub_features, owner, len(flat))
-            M = padded.shape[1]
-            fine_negative = metrics.paired_subcaption_scores(
-                padded.view(len(data.negatives), n * M, -1), mask.view(len(data.negatives), n * M),
-                patches, k, temperature=encoder.sap_temperature, backend=args.ops, groups=n)
-            fine_positive = fine_long.diagonal()
+            M, I = padded.shape[1], len(captions)
+            fine = metrics.paired_subcaption_scores(padded.view(I, (n + 1) * M, -1), mask.view(I, (n + 1) * M),
+                                                    patches, k, temperature=encoder.sap_temperature, backend=args.ops,
+                                                    groups=n + 1)
             for beta in betas:
                 reranked[f"rerank{beta:g}/hard_negative_accuracy"] = metrics.hard_negative_accuracy(
-                    positive + beta * fine_positive, negative + beta * fine_negative)
+                    positive + beta * fine[:, 0], negative + beta * fine[:, 1:])
     return {**results, **dict(sorted(reranked.items(), key=lambda item: float(item[0][6:].split("/")[0])))}
 
 
