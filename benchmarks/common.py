@@ -156,17 +156,20 @@ def measure(benchmark, case: Case, provider: str, mode: str, dtype: torch.dtype,
     flops = case.forward_flops * {"forward": 1, "backward": 2, "full": 3}[mode]
     input_bytes = sum(x.numel() * x.element_size() for x in inputs[: case.n_differentiable])
     traffic = {"forward": 1, "backward": 2, "full": 3}[mode] * input_bytes
-    seconds = benchmark.stats.stats.median
     peak_flops, peak_bandwidth = device_peaks(device, dtype)
-    tflops, gbps = flops / seconds / 1e12, traffic / seconds / 1e9
+    if benchmark.stats is None:  # --benchmark-disable: the case ran once, untimed
+        tflops = gbps = None
+    else:
+        seconds = benchmark.stats.stats.median
+        tflops, gbps = flops / seconds / 1e12, traffic / seconds / 1e9
     benchmark.extra_info.update(
         op=case.op, provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""), shape=case.label,
         **case.shape, device=device_name(device),
         saved_bytes=saved.total_bytes(), saved_bytes_beyond_inputs=saved.total_bytes(leaves),
         largest_saved_numel_beyond_inputs=saved.largest_numel(leaves), peak_cuda_bytes=peak,
         matmul_flops=flops, min_traffic_bytes=traffic, tflops=tflops, gbps=gbps,
-        fraction_of_peak_flops=tflops / peak_flops if peak_flops else None,
-        fraction_of_peak_bandwidth=gbps / peak_bandwidth if peak_bandwidth else None,
+        fraction_of_peak_flops=tflops / peak_flops if peak_flops and tflops else None,
+        fraction_of_peak_bandwidth=gbps / peak_bandwidth if peak_bandwidth and gbps else None,
         **errors,
     )
 
