@@ -38,8 +38,8 @@ TITLES = {
     "no_wpr": "without WPR (global + SAP)",
     "full": "full MulCLIP",
 }
-# About 2-3 minutes per run on 2 shared CPU cores: 64 steps of 32 scenes, each scene seen once.
-TRAIN = ["--model", "mulclip-tiny", "--batch-size", "32", "--train-num-samples", "2048", "--epochs", "1",
+# About 2-3 minutes per run on 2 shared CPU cores: 96 steps of 32 scenes, each scene seen once.
+TRAIN = ["--model", "mulclip-tiny", "--batch-size", "32", "--train-num-samples", "3072", "--epochs", "1",
          "--warmup", "10", "--val-data", "", "--no-tensorboard", "--log-every-n-steps", "16"]
 BETAS = ["0.25", "0.5", "1", "2"]
 EVAL = ["--data", "synthetic", "--num-samples", "512", "--negatives", "3", "--rerank-beta", *BETAS]
