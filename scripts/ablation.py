@@ -125,25 +125,26 @@ def markdown_table(summary: dict) -> str:
         return f"{stat['mean']:.1f} ± {stat['std']:.1f} ({stat['min']:.1f}–{stat['max']:.1f})"
 
     rerank = f" + rerank (beta={summary['beta']})"
-    order = ["global", "no_sap", "no_wpr", "full", "full" + rerank, "global" + rerank]
+    order = [name for variant in VARIANTS for name in (variant, variant + rerank)]
     lines = ["| variant | I→T R@1 | T→I R@1 | mean R@1 | hard-negative acc. |", "| --- | ---: | ---: | ---: | ---: |"]
     for name in order:
         row = summary["rows"][name]
-        title = TITLES.get(name, name)
+        title = TITLES[name] if name in TITLES else TITLES[name.split(" ")[0]].split(" (")[0] + rerank
         lines.append(f"| {title} | {cell(row['image_to_text_R@1'])} | {cell(row['text_to_image_R@1'])} | "
                      f"{cell(row['mean_R@1'])} | {cell(row['hard_negative_accuracy'])} |")
     return "\n".join(lines)
 
 
 def read_curves(logs: str, seeds):
-    """{variant: {key: [per-seed list of per-step values]}} from each run's metrics.jsonl."""
+    """{variant: {key: [per-seed list of per-step values]}} from each run's metrics.jsonl (in step order)."""
     curves = {}
     for variant in VARIANTS:
         curves[variant] = {}
         for seed in seeds:
             with open(os.path.join(logs, run_name(variant, seed), "metrics.jsonl")) as f:
                 records = [json.loads(line) for line in f]
-            records = [r for r in records if "loss" in r]
+            # A resumed run appends the steps it repeats after its last checkpoint: keep the last record per step.
+            records = list({r["step"]: r for r in records if "loss" in r}.values())
             for key in ("global_loss", "wpr_loss", "sap_loss"):
                 curves[variant].setdefault(key, []).append([r[key] for r in records])
     return curves
