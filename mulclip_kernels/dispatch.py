@@ -25,12 +25,14 @@ _BACKEND_MODULES: Dict[str, Dict[str, str]] = {
         "torch": "mulclip_kernels.ops.torch_subcaption_patch",
         "cpp": "mulclip_kernels.ops.cpp_subcaption_patch",
         "cuda": "mulclip_kernels.ops.cuda_subcaption_patch",
+        "triton": "mulclip_kernels.ops.triton_subcaption_patch",
     },
     "subcaption_patch_scores": {
         "reference": "mulclip_kernels.reference",
         "torch": "mulclip_kernels.ops.torch_subcaption_patch",
         "cpp": "mulclip_kernels.ops.cpp_subcaption_patch",
         "cuda": "mulclip_kernels.ops.cuda_subcaption_patch",
+        "triton": "mulclip_kernels.ops.triton_subcaption_patch",
     },
 }
 

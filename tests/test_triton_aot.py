@@ -54,6 +54,24 @@ def test_every_word_patch_kernel_for_every_arch_and_dtype(compiled):
         assert ("_finalize_kernel", arch.capability, "fp32") in seen
 
 
+def test_every_subcaption_patch_kernel_for_every_arch_and_dtype(compiled):
+    """Every SAP kernel for every top-k width (KP = 8 .. 64), arch and dtype; 16-bit similarity
+    tiles on the tensor cores."""
+    results, _ = compiled
+    sap = [r for r in results["results"] if r["module"] == "mulclip_kernels.ops.triton_subcaption_patch"]
+    seen = {(r["kernel"], r["arch"], r["dtype"]) for r in sap}
+    for arch in aot.ARCHS:
+        for dtype in ("fp32", "fp16", "bf16"):
+            for kernel in ("_forward_kernel", "_align_backward_kernel", "_scores_backward_kernel", "_patch_grad_kernel"):
+                assert (kernel, arch.capability, dtype) in seen
+            widths = {r["config"].split("KP=")[1].split(",")[0].split(";")[0] for r in sap
+                      if r["kernel"] == "_forward_kernel" and r["arch"] == arch.capability and r["dtype"] == dtype}
+            assert widths == {"8", "16", "32", "64"}
+    for r in sap:
+        if r["kernel"] == "_forward_kernel":
+            assert (r["mma_instructions"] > 0) == (r["dtype"] != "fp32"), (r["config"], r["arch"], r["dtype"])
+
+
 def test_fp32_dots_are_ieee_and_16_bit_dots_use_tensor_cores(compiled):
     """No TF32 tensor-core instruction in any kernel; the 16-bit WPR kernels with dots do use them."""
     results, _ = compiled
