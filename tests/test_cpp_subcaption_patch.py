@@ -7,55 +7,17 @@ cached in ~/.cache/mulclip_kernels).
 import pytest
 import torch
 
+import sap_checks
 from inputs import leaves, sap_inputs
 from mulclip_kernels import reference, subcaption_patch_align, subcaption_patch_scores
 from mulclip_kernels.dispatch import availability
-from mulclip_kernels.memory import record_saved_tensors
 from mulclip_kernels.ops import cpp_subcaption_patch as cpp
-from mulclip_kernels.testing import PARITY_ATOL, assert_parity
-from test_edge_cases import tied_inputs
+from sap_checks import CASES, case_inputs, check_parity, run_align, run_scores
 
 ok, why = availability("subcaption_patch_align", "cpp", torch.device("cpu"))
 pytestmark = pytest.mark.skipif(not ok, reason=f"cpp backend unavailable: {why}")
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-# (B, M, P, d, k, all patches valid): odd P and d, k = 1, 7 and P.
-CASES = [
-    pytest.param((3, 5, 29, 24, 1, False), id="B3-M5-P29-d24-k1"),
-    pytest.param((3, 5, 29, 24, 7, False), id="B3-M5-P29-d24-k7"),
-    pytest.param((3, 5, 29, 24, 29, True), id="B3-M5-P29-d24-kP"),
-    pytest.param((2, 3, 197, 24, 7, False), id="B2-M3-P197-d24-k7"),
-    pytest.param((2, 3, 197, 24, 197, True), id="B2-M3-P197-d24-kP"),
-    pytest.param((2, 3, 29, 768, 7, False), id="B2-M3-P29-d768-k7"),
-]
-
-
-def case_inputs(B, M, P, d, k, all_valid):
-    subcaptions, patches, subcaption_mask, patch_mask = sap_inputs(B=B, M=M, P=P, d=d)
-    if all_valid:
-        patch_mask = torch.ones_like(patch_mask)
-    return subcaptions, patches, subcaption_mask, patch_mask
-
-
-def run_align(backend, subcaptions, patches, k, subcaption_mask, patch_mask, seed, normalize=True):
-    s, p = leaves(subcaptions, patches)
-    regions = subcaption_patch_align(s, p, k, subcaption_mask=subcaption_mask, patch_mask=patch_mask,
-                                     normalize=normalize, backend=backend)
-    (regions * seed.to(regions.dtype)).sum().backward()
-    return regions, s.grad, p.grad
-
-
-def run_scores(backend, subcaptions, patches, k, patch_mask, seed, normalize=True):
-    s, p = leaves(subcaptions, patches)
-    scores = subcaption_patch_scores(s, p, k, patch_mask=patch_mask, normalize=normalize, backend=backend)
-    (scores * seed.to(scores.dtype)).sum().backward()
-    return scores, s.grad, p.grad
-
-
-def check_parity(names, fused, lowp, exact, dtype):
-    for name, f, l, e in zip(names, fused, lowp, exact):
-        assert f.dtype == dtype, name
-        assert_parity(name, f, l, e, PARITY_ATOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -111,41 +73,13 @@ def test_scores_gradcheck(normalize):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_masked_positions_have_no_influence(dtype):
-    """NaN in masked subcaptions and patches: exactly zero regions and gradients there, nothing leaks."""
-    subcaptions, patches, subcaption_mask, patch_mask = sap_inputs(B=3, M=5, P=29, d=24, dtype=dtype)
-    subcaption_mask[0] = True  # the cross op takes sample 0's subcaptions, which have no mask
-    subcaption_mask[1] = False
-    seed = torch.randn(3, 5, 24, dtype=torch.float64)
-    clean = run_align("cpp", subcaptions, patches, 6, subcaption_mask, patch_mask, seed)
-    clean_scores = run_scores("cpp", subcaptions[0], patches, 6, patch_mask, seed[0, :, :3])
-    subcaptions, patches = subcaptions.clone(), patches.clone()
-    subcaptions[~subcaption_mask] = float("nan")
-    patches[~patch_mask] = float("nan")
-    dirty = run_align("cpp", subcaptions, patches, 6, subcaption_mask, patch_mask, seed)
-    dirty_scores = run_scores("cpp", subcaptions[0], patches, 6, patch_mask, seed[0, :, :3])
-    for a, b in zip(clean + clean_scores, dirty + dirty_scores):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
-    regions, grad_sub, grad_patches = dirty
-    assert (regions[~subcaption_mask] == 0).all()
-    assert (grad_sub[~subcaption_mask] == 0).all() and (grad_patches[~patch_mask] == 0).all()
-    assert (grad_patches[1] == 0).all()  # sample 1 has no subcaption: its patches get nothing
-    assert (dirty_scores[2][~patch_mask] == 0).all()
+    sap_checks.masked_positions_have_no_influence("cpp", torch.device("cpu"), dtype)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_exact_ties_go_to_the_lower_index(k):
-    subcaptions, patches, d = tied_inputs()
-    chosen = [1, 2, 4, 5, 6][:k]  # five patches tie at 0.5; the lower indices win
-    regions, index, _ = cpp._OPS.align_forward(subcaptions, patches, k, torch.ones(1, 1, dtype=torch.bool),
-                                               torch.ones(1, 7, dtype=torch.bool), 0.05, False)
-    assert index[0, 0].tolist() == chosen
-    torch.testing.assert_close(regions[0, 0], patches[0, chosen].mean(0), rtol=0, atol=1e-15)
-    s, p = leaves(subcaptions, patches)
-    subcaption_patch_align(s, p, k, normalize=False, backend="cpp").sum().backward()
-    assert set((p.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist()) <= set(chosen)
-    _, cross_index, _, _ = cpp._OPS.scores_forward(subcaptions[0], patches, k, torch.ones(1, 7, dtype=torch.bool),
-                                                   0.05, False)
-    assert cross_index[0, 0].tolist() == chosen
+    sap_checks.exact_ties_go_to_the_lower_index("cpp", torch.device("cpu"), cpp._OPS.align_forward,
+                                                cpp._OPS.scores_forward, k, torch.float64, atol=1e-15)
 
 
 @pytest.mark.parametrize("dtype, shape", [
@@ -174,12 +108,8 @@ def test_ties_between_duplicated_patches_match_the_reference_indices(dtype, shap
 
 
 def test_cross_diagonal_is_paired_cosine():
-    subcaptions, patches, _, patch_mask = sap_inputs(B=4, M=3, P=29, d=24)
-    regions = subcaption_patch_align(subcaptions, patches, 5, patch_mask=patch_mask, backend="cpp")
-    cosine = torch.nn.functional.cosine_similarity(regions, subcaptions, dim=-1, eps=1e-6)  # (B,M)
-    scores = subcaption_patch_scores(subcaptions.reshape(-1, 24), patches, 5, patch_mask=patch_mask, backend="cpp")
-    own = scores.reshape(4, 3, 4)[torch.arange(4), :, torch.arange(4)]
-    torch.testing.assert_close(own, cosine, rtol=1e-12, atol=1e-12)
+    sap_checks.cross_diagonal_is_paired_cosine("cpp", torch.device("cpu"), rtol=1e-12, atol=1e-12,
+                                               dtype=torch.float64)
 
 
 def test_fewer_valid_patches_than_k_keeps_the_valid_ones():
@@ -221,50 +151,13 @@ def test_non_contiguous_inputs():
 
 
 @pytest.mark.parametrize("k", [1, 8])
-def test_align_saves_indices_and_similarities_only(k):
-    B, M, P, d = 4, 6, 50, 16
-    subcaptions, patches, subcaption_mask, patch_mask = sap_inputs(B=B, M=M, P=P, d=d, dtype=torch.float32)
-    subcaptions.requires_grad_()
-    patches.requires_grad_()
-    with record_saved_tensors() as saved:
-        subcaption_patch_align(subcaptions, patches, k, subcaption_mask=subcaption_mask, patch_mask=patch_mask,
-                               backend="cpp")
-    inputs = (subcaptions, patches)
-    assert saved.largest_numel(inputs) == max(B * M * k, B * P) < B * M * P  # index, sigma; patch_mask
-    assert saved.total_bytes(inputs) == 8 * B * M * k + B * (M + P)
-
-
-def test_scores_save_indices_and_statistics_only():
-    N, B, P, d, k = 24, 5, 50, 16, 4
-    subcaptions, patches, _, patch_mask = sap_inputs(B=B, M=N, P=P, d=d, dtype=torch.float32)
-    subcaptions = subcaptions[0].detach().requires_grad_()
-    patches.requires_grad_()
-    with record_saved_tensors() as saved:
-        subcaption_patch_scores(subcaptions, patches, k, patch_mask=patch_mask, backend="cpp")
-    inputs = (subcaptions, patches)
-    assert saved.largest_numel(inputs) == max(N * B * k, B * P) < N * B * P
-    assert saved.total_bytes(inputs) == 12 * N * B * k + B * P  # index, sigma, rho (4 bytes each), mask
+def test_saves_indices_and_statistics_only(k):
+    sap_checks.saves_indices_and_statistics_only("cpp", torch.device("cpu"), k=k)
 
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager", "inductor"])
 def test_compiled_fullgraph_matches_eager(compiler):
-    subcaptions, patches, subcaption_mask, patch_mask = sap_inputs(B=2, M=3, P=17, d=16, dtype=torch.float32)
-
-    def loss_fn(s, p):
-        regions = subcaption_patch_align(s, p, 4, subcaption_mask=subcaption_mask, patch_mask=patch_mask,
-                                         backend="cpp")
-        scores = subcaption_patch_scores(s[:, 0], p, 4, patch_mask=patch_mask, backend="cpp")
-        return (regions * regions).sum() + scores.sum()
-
-    compiled = torch.compile(loss_fn, fullgraph=True, backend=compiler)
-    results = []
-    for fn in (loss_fn, compiled):
-        s, p = leaves(subcaptions, patches)
-        loss = fn(s, p)
-        loss.backward()
-        results.append((loss, s.grad, p.grad))
-    for eager, graph in zip(*results):
-        torch.testing.assert_close(graph, eager, rtol=1e-6, atol=1e-7)
+    sap_checks.compiled_fullgraph_matches_eager("cpp", torch.device("cpu"), compiler, rtol=1e-6, atol=1e-7)
 
 
 def test_extension_checks_its_inputs():

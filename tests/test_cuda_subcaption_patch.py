@@ -7,14 +7,13 @@ builds the CUDA module for the visible GPU (cached in ~/.cache/mulclip_kernels).
 import pytest
 import torch
 
-from inputs import leaves, sap_inputs
+from inputs import sap_inputs
 from mulclip_kernels import subcaption_patch_align, subcaption_patch_scores
 from mulclip_kernels.dispatch import availability
-from mulclip_kernels.memory import record_saved_tensors
 from mulclip_kernels.ops import cpp_subcaption_patch as cpp
 from mulclip_kernels.ops import cuda_subcaption_patch as cuda
-from test_cpp_subcaption_patch import CASES, case_inputs, check_parity, run_align, run_scores
-from test_edge_cases import tied_inputs
+import sap_checks
+from sap_checks import CASES, case_inputs, check_parity, run_align, run_scores
 
 DEVICE = torch.device("cuda")
 ok, why = availability("subcaption_patch_align", "cuda", DEVICE) if torch.cuda.is_available() else (False, "no GPU")
@@ -102,50 +101,18 @@ def test_cuda_matches_cpp_indices_and_values():
 
 
 def test_masked_positions_have_no_influence():
-    subcaptions, patches, subcaption_mask, patch_mask = on_device(*sap_inputs(B=3, M=5, P=29, d=24,
-                                                                              dtype=torch.bfloat16))
-    subcaption_mask[0] = True
-    subcaption_mask[1] = False
-    seed = torch.randn(3, 5, 24, dtype=torch.float64, device=DEVICE)
-    clean = run_align("cuda", subcaptions, patches, 6, subcaption_mask, patch_mask, seed)
-    clean_scores = run_scores("cuda", subcaptions[0], patches, 6, patch_mask, seed[0, :, :3])
-    subcaptions, patches = subcaptions.clone(), patches.clone()
-    subcaptions[~subcaption_mask] = float("nan")
-    patches[~patch_mask] = float("nan")
-    dirty = run_align("cuda", subcaptions, patches, 6, subcaption_mask, patch_mask, seed)
-    dirty_scores = run_scores("cuda", subcaptions[0], patches, 6, patch_mask, seed[0, :, :3])
     # Atomics add in any order, so gradients may differ by rounding; values may not.
-    torch.testing.assert_close(dirty[0], clean[0], rtol=0, atol=0)
-    torch.testing.assert_close(dirty_scores[0], clean_scores[0], rtol=0, atol=0)
-    for a, b in zip(clean[1:] + clean_scores[1:], dirty[1:] + dirty_scores[1:]):
-        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-3)
-    regions, grad_sub, grad_patches = dirty
-    assert (regions[~subcaption_mask] == 0).all()
-    assert (grad_sub[~subcaption_mask] == 0).all() and (grad_patches[~patch_mask] == 0).all()
-    assert (grad_patches[1] == 0).all()
-    assert (dirty_scores[2][~patch_mask] == 0).all()
+    sap_checks.masked_positions_have_no_influence("cuda", DEVICE, torch.bfloat16, grad_rtol=1e-2, grad_atol=1e-3)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_exact_ties_go_to_the_lower_index(k):
-    subcaptions, patches, _ = tied_inputs()
-    subcaptions, patches = on_device(subcaptions.float(), patches.float())
-    chosen = [1, 2, 4, 5, 6][:k]
-    everything = torch.ones(1, 1, dtype=torch.bool, device=DEVICE), torch.ones(1, 7, dtype=torch.bool, device=DEVICE)
-    regions, index, _ = cuda._OPS.align_forward(subcaptions, patches, k, *everything, 0.05, False)
-    assert index[0, 0].tolist() == chosen
-    torch.testing.assert_close(regions[0, 0], patches[0, chosen].mean(0), rtol=0, atol=1e-7)
-    _, cross_index, _, _ = cuda._OPS.scores_forward(subcaptions[0], patches, k, everything[1], 0.05, False)
-    assert cross_index[0, 0].tolist() == chosen
+    sap_checks.exact_ties_go_to_the_lower_index("cuda", DEVICE, cuda._OPS.align_forward, cuda._OPS.scores_forward, k,
+                                                torch.float32, atol=1e-7)
 
 
 def test_cross_diagonal_is_paired_cosine():
-    subcaptions, patches, _, patch_mask = on_device(*sap_inputs(B=4, M=3, P=29, d=24, dtype=torch.float32))
-    regions = subcaption_patch_align(subcaptions, patches, 5, patch_mask=patch_mask, backend="cuda")
-    cosine = torch.nn.functional.cosine_similarity(regions, subcaptions, dim=-1, eps=1e-6)
-    scores = subcaption_patch_scores(subcaptions.reshape(-1, 24), patches, 5, patch_mask=patch_mask, backend="cuda")
-    own = scores.reshape(4, 3, 4)[torch.arange(4), :, torch.arange(4)]
-    torch.testing.assert_close(own, cosine, rtol=1e-5, atol=1e-6)
+    sap_checks.cross_diagonal_is_paired_cosine("cuda", DEVICE, rtol=1e-5, atol=1e-6)
 
 
 def test_fewer_valid_patches_than_k_keeps_the_valid_ones():
@@ -160,16 +127,7 @@ def test_fewer_valid_patches_than_k_keeps_the_valid_ones():
 
 
 def test_saved_for_backward_is_indices_and_statistics():
-    B, M, P, d, k = 4, 6, 50, 16, 8
-    subcaptions, patches, subcaption_mask, patch_mask = on_device(*sap_inputs(B=B, M=M, P=P, d=d,
-                                                                              dtype=torch.float32))
-    s, p = leaves(subcaptions, patches)
-    with record_saved_tensors() as saved:
-        subcaption_patch_align(s, p, k, subcaption_mask=subcaption_mask, patch_mask=patch_mask, backend="cuda")
-    assert saved.total_bytes((s, p)) == 8 * B * M * k + B * (M + P)
-    with record_saved_tensors() as saved:
-        subcaption_patch_scores(s[0], p, k, patch_mask=patch_mask, backend="cuda")
-    assert saved.total_bytes((s, p)) == 12 * M * B * k + B * P
+    sap_checks.saves_indices_and_statistics_only("cuda", DEVICE)
 
 
 def test_limits_raise_clear_errors():
@@ -182,22 +140,4 @@ def test_limits_raise_clear_errors():
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compiled_fullgraph_matches_eager(compiler):
-    subcaptions, patches, subcaption_mask, patch_mask = on_device(*sap_inputs(B=2, M=3, P=17, d=16,
-                                                                              dtype=torch.float32))
-
-    def loss_fn(s, p):
-        regions = subcaption_patch_align(s, p, 4, subcaption_mask=subcaption_mask, patch_mask=patch_mask,
-                                         backend="cuda")
-        scores = subcaption_patch_scores(s[:, 0], p, 4, patch_mask=patch_mask, backend="cuda")
-        return (regions * regions).sum() + scores.sum()
-
-    compiled = torch.compile(loss_fn, fullgraph=True, backend=compiler)
-    results = []
-    for fn in (loss_fn, compiled):
-        s, p = leaves(subcaptions, patches)
-        loss = fn(s, p)
-        loss.backward()
-        results.append((loss, s.grad, p.grad))
-    for eager, graph in zip(*results):
-        torch.testing.assert_close(graph, eager, rtol=1e-5, atol=1e-6)
-
+    sap_checks.compiled_fullgraph_matches_eager("cuda", DEVICE, compiler, rtol=1e-5, atol=1e-6)

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from inputs import leaves, sap_inputs
-from mulclip_kernels import reference, subcaption_patch_align, subcaption_patch_scores
-from mulclip_kernels.memory import record_saved_tensors
+from mulclip_kernels import reference, subcaption_patch_align
 from mulclip_kernels.ops import triton_subcaption_patch as triton_sap
 from mulclip_kernels.ops import triton_word_patch
-from test_cpp_subcaption_patch import case_inputs, check_parity, run_align, run_scores
-from test_edge_cases import tied_inputs
+import sap_checks
+from sap_checks import case_inputs, check_parity, run_align, run_scores
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = triton_word_patch._INTERPRETED
@@ -50,7 +49,7 @@ def align_parity(case, dtype):
     B, M, P, d, k, _ = case
     subcaptions, patches, subcaption_mask, patch_mask = case_inputs(*case)
     subcaption_mask[1, :] = False  # a sample without subcaptions
-    seed = torch.randn(B, M, d, dtype=torch.float64)
+    seed = torch.randn(B, M, d, dtype=torch.float64)  # run_align moves it to the outputs' device
     exact = run_align("reference", subcaptions, patches, k, subcaption_mask, patch_mask, seed)
     cast = (subcaptions.to(dtype), patches.to(dtype), k, subcaption_mask, patch_mask, seed)
     lowp = run_align("reference", *cast)
@@ -129,43 +128,13 @@ def test_narrow_tiles_match_the_reference(normalize):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_masked_positions_have_no_influence(dtype):
-    """NaN in masked subcaptions and patches: exactly zero regions and gradients there, nothing leaks."""
-    subcaptions, patches, subcaption_mask, patch_mask = sap_inputs(B=3, M=5, P=29, d=24, dtype=dtype)
-    subcaption_mask[0] = True  # the cross op takes sample 0's subcaptions, which have no mask
-    subcaption_mask[1] = False
-    subcaptions, patches, subcaption_mask, patch_mask = on_device(subcaptions, patches, subcaption_mask, patch_mask)
-    seed = torch.randn(3, 5, 24, dtype=torch.float64)
-    clean = run_align("triton", subcaptions, patches, 6, subcaption_mask, patch_mask, seed)
-    clean_scores = run_scores("triton", subcaptions[0], patches, 6, patch_mask, seed[0, :, :3])
-    subcaptions, patches = subcaptions.clone(), patches.clone()
-    subcaptions[~subcaption_mask] = float("nan")
-    patches[~patch_mask] = float("nan")
-    dirty = run_align("triton", subcaptions, patches, 6, subcaption_mask, patch_mask, seed)
-    dirty_scores = run_scores("triton", subcaptions[0], patches, 6, patch_mask, seed[0, :, :3])
-    # fp32 atomic adds of the patch gradients may sum in another order from run to run
-    for a, b in zip(clean + clean_scores, dirty + dirty_scores):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
-    regions, grad_sub, grad_patches = dirty
-    assert (regions[~subcaption_mask] == 0).all()
-    assert (grad_sub[~subcaption_mask] == 0).all() and (grad_patches[~patch_mask] == 0).all()
-    assert (grad_patches[1] == 0).all()  # sample 1 has no subcaption: its patches get nothing
-    assert (dirty_scores[2][~patch_mask] == 0).all()
+    sap_checks.masked_positions_have_no_influence("triton", DEVICE, dtype, grad_rtol=1e-6, grad_atol=1e-6)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_exact_ties_go_to_the_lower_index(k):
-    subcaptions, patches, d = tied_inputs()
-    subcaptions, patches = subcaptions.float().to(DEVICE), patches.float().to(DEVICE)
-    chosen = [1, 2, 4, 5, 6][:k]  # five patches tie at 0.5; the lower indices win
-    one, seven = torch.ones(1, 1, dtype=torch.bool, device=DEVICE), torch.ones(1, 7, dtype=torch.bool, device=DEVICE)
-    regions, index, _ = triton_sap.align_forward(subcaptions, patches, k, one, seven, 0.05, False)
-    assert index[0, 0].tolist() == chosen
-    torch.testing.assert_close(regions[0, 0], patches[0, chosen].mean(0), rtol=0, atol=1e-6)
-    s, p = leaves(subcaptions, patches)
-    subcaption_patch_align(s, p, k, normalize=False, backend="triton").sum().backward()
-    assert set((p.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist()) <= set(chosen)
-    _, cross_index, _, _ = triton_sap.scores_forward(subcaptions[0], patches, k, seven, 0.05, False)
-    assert cross_index[0, 0].tolist() == chosen
+    sap_checks.exact_ties_go_to_the_lower_index("triton", DEVICE, triton_sap.align_forward, triton_sap.scores_forward,
+                                                k, torch.float32, atol=1e-6)
 
 
 def test_ties_between_duplicated_patches_match_the_reference_indices():
@@ -185,13 +154,7 @@ def test_ties_between_duplicated_patches_match_the_reference_indices():
 
 
 def test_cross_diagonal_is_paired_cosine():
-    subcaptions, patches, _, patch_mask = on_device(*sap_inputs(B=4, M=3, P=29, d=24, dtype=torch.float32))
-    regions = subcaption_patch_align(subcaptions, patches, 5, patch_mask=patch_mask, backend="triton")
-    cosine = torch.nn.functional.cosine_similarity(regions, subcaptions, dim=-1, eps=1e-6)  # (B,M)
-    scores = subcaption_patch_scores(subcaptions.reshape(-1, 24), patches, 5, patch_mask=patch_mask,
-                                     backend="triton")
-    own = scores.reshape(4, 3, 4)[torch.arange(4), :, torch.arange(4)]
-    torch.testing.assert_close(own, cosine, rtol=1e-5, atol=1e-6)
+    sap_checks.cross_diagonal_is_paired_cosine("triton", DEVICE, rtol=1e-5, atol=1e-6)
 
 
 def test_fewer_valid_patches_than_k_keeps_the_valid_ones():
@@ -213,17 +176,7 @@ def test_fewer_valid_patches_than_k_keeps_the_valid_ones():
 
 
 def test_saved_for_backward_is_indices_and_statistics():
-    B, M, P, d, k = 3, 4, 29, 16, 4
-    subcaptions, patches, subcaption_mask, patch_mask = on_device(*sap_inputs(B=B, M=M, P=P, d=d,
-                                                                             dtype=torch.float32))
-    s, p = leaves(subcaptions, patches)
-    with record_saved_tensors() as saved:
-        subcaption_patch_align(s, p, k, subcaption_mask=subcaption_mask, patch_mask=patch_mask, backend="triton")
-    assert saved.total_bytes((s, p)) == 8 * B * M * k + B * (M + P)  # index, sigma; both masks
-    rows = s[0].detach().requires_grad_()
-    with record_saved_tensors() as saved:
-        subcaption_patch_scores(rows, p, k, patch_mask=patch_mask, backend="triton")
-    assert saved.total_bytes((rows, p)) == 12 * M * B * k + B * P  # index, sigma, rho; the mask
+    sap_checks.saves_indices_and_statistics_only("triton", DEVICE, B=3, M=4, P=29, d=16, k=4)
 
 
 def test_float64_and_large_k_run_the_torch_path():
@@ -239,21 +192,4 @@ def test_float64_and_large_k_run_the_torch_path():
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compiled_fullgraph_matches_eager(compiler):
-    subcaptions, patches, subcaption_mask, patch_mask = on_device(*sap_inputs(B=2, M=3, P=17, d=16,
-                                                                             dtype=torch.float32))
-
-    def loss_fn(s, p):
-        regions = subcaption_patch_align(s, p, 4, subcaption_mask=subcaption_mask, patch_mask=patch_mask,
-                                         backend="triton")
-        scores = subcaption_patch_scores(s[:, 0], p, 4, patch_mask=patch_mask, backend="triton")
-        return (regions * regions).sum() + scores.sum()
-
-    compiled = torch.compile(loss_fn, fullgraph=True, backend=compiler)
-    results = []
-    for fn in (loss_fn, compiled):
-        s, p = leaves(subcaptions, patches)
-        loss = fn(s, p)
-        loss.backward()
-        results.append((loss, s.grad, p.grad))
-    for eager, graph in zip(*results):
-        torch.testing.assert_close(graph, eager, rtol=1e-5, atol=1e-6)
+    sap_checks.compiled_fullgraph_matches_eager("triton", DEVICE, compiler, rtol=1e-5, atol=1e-6)
