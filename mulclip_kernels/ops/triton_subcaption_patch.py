@@ -465,17 +465,30 @@ def _norms(x: Tensor, mask: Tensor, normalize: bool) -> Tensor:
     return out
 
 
+def _prepare(rows, row_mask, patches, patch_mask, k, normalize_inputs, plan):
+    """What every launch needs: rows and patches padded to width D, contiguous masks, KP, the
+    plan, and the row norms of both (rows (B,M,d) with row_mask (B,M), or (N,d) with (1,N))."""
+    D = padded_width(rows.shape[-1])
+    x, v = _pad(rows, D), _pad(patches, D)
+    row_mask, patch_mask = row_mask.contiguous(), patch_mask.contiguous()
+    KP = slots(k)
+    plan = plan or default_plan(KP, D, x.dtype)
+    x_norm = _norms(x.view(*row_mask.shape, D), row_mask, normalize_inputs)
+    return x, row_mask, x_norm, v, patch_mask, _norms(v, patch_mask, normalize_inputs), D, KP, plan
+
+
+def _all_rows(N: int, device) -> Tensor:
+    """The cross op's row mask: every one of the N subcaptions is real."""
+    return torch.ones((1, N), dtype=torch.bool, device=device)
+
+
 def align_forward(subcaptions, patches, k, subcaption_mask, patch_mask, temperature, normalize_inputs,
                   plan: Optional[Plan] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Regions (B,M,d) in the input dtype, the chosen indices (B,M,k) int32 and their sigma fp32."""
     B, M, d = subcaptions.shape
     P = patches.shape[1]
-    D = padded_width(d)
-    x, v = _pad(subcaptions, D), _pad(patches, D)
-    subcaption_mask, patch_mask = subcaption_mask.contiguous(), patch_mask.contiguous()
-    KP = slots(k)
-    plan = plan or default_plan(KP, D, x.dtype)
-    x_norm, v_norm = _norms(x, subcaption_mask, normalize_inputs), _norms(v, patch_mask, normalize_inputs)
+    x, subcaption_mask, x_norm, v, patch_mask, v_norm, D, KP, plan = _prepare(
+        subcaptions, subcaption_mask, patches, patch_mask, k, normalize_inputs, plan)
     regions = torch.empty_like(x)
     index = x.new_empty((B, M, k), dtype=torch.int32)
     sigma = x.new_empty((B, M, k), dtype=torch.float32)
@@ -490,12 +503,9 @@ def align_backward(grad_regions, subcaptions, patches, index, sigma, subcaption_
     B, M, d = subcaptions.shape
     P = patches.shape[1]
     k = index.shape[-1]
-    D = padded_width(d)
-    x, v, g = _pad(subcaptions, D), _pad(patches, D), _pad(grad_regions, D)
-    subcaption_mask, patch_mask = subcaption_mask.contiguous(), patch_mask.contiguous()
-    KP = slots(k)
-    plan = plan or default_plan(KP, D, x.dtype)
-    x_norm, v_norm = _norms(x, subcaption_mask, normalize_inputs), _norms(v, patch_mask, normalize_inputs)
+    x, subcaption_mask, x_norm, v, patch_mask, v_norm, D, KP, plan = _prepare(
+        subcaptions, subcaption_mask, patches, patch_mask, k, normalize_inputs, plan)
+    g = _pad(grad_regions, D)
     grad_x = torch.empty_like(x)
     dv = torch.zeros((B, P, D), dtype=torch.float32, device=x.device)
     _align_backward_kernel[(triton.cdiv(M, plan.align_backward.block_r), B)](
@@ -510,13 +520,8 @@ def scores_forward(subcaptions, patches, k, patch_mask, temperature, normalize_i
     """Scores (N,B) in the input dtype, the chosen indices (N,B,k) int32, sigma and rho fp32."""
     N, d = subcaptions.shape
     B, P, _ = patches.shape
-    D = padded_width(d)
-    x, v = _pad(subcaptions, D), _pad(patches, D)
-    patch_mask = patch_mask.contiguous()
-    row_mask = torch.ones((1, N), dtype=torch.bool, device=x.device)
-    KP = slots(k)
-    plan = plan or default_plan(KP, D, x.dtype)
-    x_norm, v_norm = _norms(x[None], row_mask, normalize_inputs), _norms(v, patch_mask, normalize_inputs)
+    x, row_mask, x_norm, v, patch_mask, v_norm, D, KP, plan = _prepare(
+        subcaptions, _all_rows(N, subcaptions.device), patches, patch_mask, k, normalize_inputs, plan)
     scores = x.new_empty((N, B))
     index = x.new_empty((N, B, k), dtype=torch.int32)
     sigma = x.new_empty((N, B, k), dtype=torch.float32)
@@ -532,13 +537,8 @@ def scores_backward(grad_scores, subcaptions, patches, index, sigma, rho, patch_
     N, d = subcaptions.shape
     B, P, _ = patches.shape
     k = index.shape[-1]
-    D = padded_width(d)
-    x, v = _pad(subcaptions, D), _pad(patches, D)
-    patch_mask = patch_mask.contiguous()
-    row_mask = torch.ones((1, N), dtype=torch.bool, device=x.device)
-    KP = slots(k)
-    plan = plan or default_plan(KP, D, x.dtype)
-    x_norm, v_norm = _norms(x[None], row_mask, normalize_inputs), _norms(v, patch_mask, normalize_inputs)
+    x, _, x_norm, v, patch_mask, v_norm, D, KP, plan = _prepare(
+        subcaptions, _all_rows(N, subcaptions.device), patches, patch_mask, k, normalize_inputs, plan)
     grad_x = torch.empty_like(x)
     dv = torch.zeros((B, P, D), dtype=torch.float32, device=x.device)
     t = plan.scores_backward
